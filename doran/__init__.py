@@ -8,7 +8,7 @@ Example::
     doran.print_trainable_parameters(model)
 """
 
-from .config import PRESETS, AdapterConfig, ConfigError, DoranError
+from .config import PRESET_FORMS, PRESETS, AdapterConfig, ConfigError, DoranError
 from .inject import (
     InjectError,
     adapted_modules,
@@ -28,18 +28,20 @@ from .inject import (
     unmerge,
 )
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
-from .layers import AdaptedLinear, SliceAdapter, factored_row_norm
+from .layers import AdaptedLinear, OutputRotation, SliceAdapter, factored_row_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "PRESET_FORMS",
     "AdaptedLinear",
     "AdapterConfig",
     "AdapterFileError",
     "ConfigError",
     "DoranError",
     "InjectError",
+    "OutputRotation",
     "SliceAdapter",
     "adapted_modules",
     "eject",

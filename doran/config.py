@@ -2,7 +2,9 @@
 
 LoRA, DoRA and DoRAN are presets of the same fields (REFERENCE.md, "The design space: three independent
 switches"): magnitude decomposition on/off, the term tau added to the row norm, and static or generated
-low-rank factors.
+low-rank factors. Their neighbours add three more switches to the same code path: factors generated per
+attention head (``heads``: HoRA), a learnable diagonal on W0 (``diag``: Pre-Diag) and a skew-symmetric
+rotation of the output (``rotation_rank``: SORA). ``PRESET_FORMS`` gives each preset's equation.
 """
 
 from __future__ import annotations
@@ -67,6 +69,19 @@ class AdapterConfig:
     gen_embed: int = 32  # width of the learned embeddings fed to the generators
     gen_activation: str = "gelu"  # gelu | relu | silu | tanh
 
+    # --- per-head factors (HoRA, arXiv 2510.04295; the row split per head is our form) ---
+    heads: int | str | None = None  # None: one (A, B) per projection. int H: factors per head, the rows of
+    #   head h get s B_h A_h, B_h: (d_head, r), A_h: (r, in). H counts the heads of the widest adapted
+    #   projection of a block (d_head = its width / H); narrower ones (GQA's v) get width / d_head heads.
+    #   "auto": d_head read from the projection's parent module (head_dim / attention_head_size / num_heads)
+
+    # --- Pre-Diag and SORA ("Calibrating and Rotating", arXiv 2511.00051) ---
+    diag: bool = False  # Pre-Diag: W' = diag(d) W0 + s B A, d: (out,) learnable, init ones; bias outside
+    rotation_rank: int = 0  # SORA's r_p: output rotation I + s_p (D C^T - C D^T), C, D: (out, r_p); 0 = off
+    rotation_s0: float = 0.1  # SORA's s0: s_p = min(1, s0 / (||C||_F + ||D||_F + 1e-6)) (value: our default)
+    rotate_bias: bool = False  # our choice: False rotates W' only (y = R W' x + b, the paper's equation);
+    #   True rotates the whole output y = R (W' x + b) (then merge rewrites the bias as well)
+
     # bookkeeping: which preset this came from (informational; every field above is what counts)
     method: str = "custom"
 
@@ -84,6 +99,10 @@ class AdapterConfig:
         ``lora``: no magnitude, static factors. ``dora``: magnitude, tau = 0, detached norm (DoRA Sec. 4.3,
         as PEFT and the official code). ``doran``: magnitude, learned tau, generated factors shared per
         block (``qv_first``, the paper's figure 1), norm not detached (the paper's gradient argument).
+        ``replora``: LoRA with generated factors, nothing shared (``sharing="none"``). ``hora``: LoRA with
+        factors generated per attention head by one generator per block (``heads="auto"``,
+        ``sharing="qv_full"``). ``prediag``: LoRA plus a learnable diagonal on W0. ``sora``: Pre-Diag plus
+        a rotation of the output of rank ``rotation_rank=4``. ``PRESET_FORMS[name]`` gives the equation.
         """
         key = name.lower()
         if key not in PRESETS:
@@ -145,6 +164,30 @@ class AdapterConfig:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         if self.gen_activation not in ACTIVATIONS:
             raise ConfigError(f"unknown gen_activation {self.gen_activation!r}; choose one of {ACTIVATIONS}")
+        heads = self.heads
+        if heads is not None and heads != "auto" and (not isinstance(heads, int) or isinstance(heads, bool)
+                                                      or heads <= 0):
+            raise ConfigError(f"heads={heads!r} must be None (no per-head factors), 'auto' (read the "
+                              "head width from the attention module) or a positive integer (the number of "
+                              "attention heads)")
+        for name in ("diag", "rotate_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.diag and self.magnitude:
+            raise ConfigError(
+                "diag=True with magnitude=True is refused: DoRA's m / ||V||_row already is a learnable "
+                "diagonal on the rows of W' (the 'Calibrating and Rotating' paper's reading of DoRA), a "
+                "second one is redundant. Use preset 'prediag'/'sora' (diag, no magnitude) or "
+                "'dora'/'doran' (magnitude)"
+            )
+        rp = self.rotation_rank
+        if not isinstance(rp, int) or isinstance(rp, bool) or rp < 0:
+            raise ConfigError(f"rotation_rank={rp!r} must be an integer >= 0 (0: no rotation; SORA: e.g. 4)")
+        if not (isinstance(self.rotation_s0, (int, float)) and self.rotation_s0 > 0):
+            raise ConfigError(f"rotation_s0={self.rotation_s0!r} must be > 0 "
+                              "(s_p = min(1, s0 / (||C||_F + ||D||_F)))")
+        if self.rotate_bias and rp == 0:
+            raise ConfigError("rotate_bias=True needs a rotation: set rotation_rank > 0 (e.g. preset 'sora')")
         bad = sorted(set(self.fused_slices) - {"q", "k", "v"})
         if bad or not self.fused_slices:
             raise ConfigError(f"fused_slices={self.fused_slices!r} must be a non-empty subset of ('q', 'k', 'v')")
@@ -182,4 +225,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         factors="generated",
         sharing="qv_first",
     ),
+    # RepLoRA (Truong et al., ICML 2025): LoRA whose A and B come from small MLPs; nothing shared across
+    # projections (our reading: each projection has its own reparameterisation).
+    "replora": dict(magnitude=False, tau_mode="zero", factors="generated", sharing="none"),
+    # HoRA / HyRA (arXiv 2510.04295): per-head factors from one generator per block, shared across the
+    # heads and across q and v (qv_full); the per-head row split of delta W is our form (REFERENCE.md).
+    "hora": dict(magnitude=False, tau_mode="zero", factors="generated", sharing="qv_full", heads="auto"),
+    # Pre-Diag (arXiv 2511.00051): W' = diag(d) W0 + s B A.
+    "prediag": dict(magnitude=False, tau_mode="zero", factors="static", diag=True),
+    # SORA (arXiv 2511.00051): Pre-Diag inside an output rotation; r_p = 4 and s0 = 0.1 are our defaults.
+    "sora": dict(magnitude=False, tau_mode="zero", factors="static", diag=True, rotation_rank=4,
+                 rotation_s0=0.1),
+}
+
+# The form of every preset, as it reads in a table (experiments/param_table.py). s = alpha / r; (e) marks
+# factors generated by the auxiliary network; rows of head h in HoRA.
+PRESET_FORMS: dict[str, str] = {
+    "lora": "W0 + s B A",
+    "dora": "m ⊙ V / ‖V‖_row, V = W0 + s B A",
+    "doran": "m ⊙ V / (‖V‖_row + τ), V = W0 + s B(e) A(e)",
+    "replora": "W0 + s B(e) A(e)",
+    "hora": "W0 + s [B_h(e_h) A_h(e_h)]_h (rows of head h)",
+    "prediag": "diag(d) W0 + s B A",
+    "sora": "(I + s_p (D Cᵀ − C Dᵀ)) (diag(d) W0 + s B A)",
 }

@@ -11,6 +11,13 @@ variant (REFERENCE.md): ``none`` (nothing), ``qv_first`` (the first layers ``W1_
 the projections of one block: the paper's figure 1), ``qv_full`` (both layers shared within a block),
 ``global`` (both layers shared by every block).
 
+Per-head factors (HoRA, arXiv 2510.04295; ``AdapterConfig(heads=...)``): a projection with H heads of width
+``d_head`` has embeddings ``e_A, e_B: (H, r, k)``, and the same MLPs map them to ``A: (H, r, d_in)`` and
+``B: (H, d_head, r)``: one generator, shared across the heads of a projection (and across q and v of a block
+under ``sharing="qv_full"``, HoRA's "one hypernetwork per block"), couples the heads. The rows of head h of
+the update are ``s B_h A_h``. Per-head embeddings (one pair per head, each of r rows) and the row split are
+our form: HoRA's code is not public.
+
 Our choices where the papers are silent (all config options): hidden width ``gen_hidden`` (32), embedding
 width ``gen_embed`` (32), GELU, ``e ~ N(0, 1)``, ``W1 ~ N(0, 1/k)`` and ``b1 = 0`` (unit-variance
 pre-activations), an output multiplier ``c = 1 / gen_hidden`` (a muP-style output scale, so that an Adam step
@@ -37,9 +44,10 @@ _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Ta
 class FirstLayer(nn.Module):
     """``act(W1 e^T + b1)``: embeddings (r, k) -> hidden features (r, hidden)."""
 
-    def __init__(self, embed: int, hidden: int, activation: str, dtype: torch.dtype) -> None:
+    def __init__(self, embed: int, hidden: int, activation: str, dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
         super().__init__()
-        self.linear = nn.Linear(embed, hidden, dtype=dtype)
+        self.linear = nn.Linear(embed, hidden, dtype=dtype, device=device)
         nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(embed))
         nn.init.zeros_(self.linear.bias)
         self.act = _ACTIVATIONS[activation]()
@@ -51,9 +59,10 @@ class FirstLayer(nn.Module):
 class SecondLayer(nn.Module):
     """``c * W2 h``: hidden features (r, hidden) -> factor rows (r, width), with c = 1 / hidden."""
 
-    def __init__(self, hidden: int, width: int, dtype: torch.dtype) -> None:
+    def __init__(self, hidden: int, width: int, dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(width, hidden, dtype=dtype))  # (width, hidden)
+        self.weight = nn.Parameter(torch.zeros(width, hidden, dtype=dtype, device=device))  # (width, hidden)
         self.multiplier = 1.0 / hidden
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -65,7 +74,8 @@ class FactorGenerator(nn.Module):
 
     ``first_A``/``first_B``/``second_A``/``second_B`` may be the same module objects in several
     generators: that is how sharing works (PyTorch registers a shared module once per parent and
-    ``named_parameters`` lists it once).
+    ``named_parameters`` lists it once). With ``heads=H`` the embeddings are (H, r, k) and the factors
+    are generated per head: A (H, r, d_in), B (H, d_head, r), ``second_B`` having width d_head.
     """
 
     def __init__(
@@ -78,16 +88,19 @@ class FactorGenerator(nn.Module):
         second_B: SecondLayer,
         dtype: torch.dtype,
         generator: torch.Generator | None = None,
+        heads: int | None = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.emb_A = nn.Parameter(torch.randn(r, embed, generator=generator, dtype=dtype))  # (r, k)
-        self.emb_B = nn.Parameter(torch.randn(r, embed, generator=generator, dtype=dtype))  # (r, k)
+        shape = (r, embed) if heads is None else (heads, r, embed)  # (r, k) or per head (H, r, k)
+        self.emb_A = nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype, device=device))
+        self.emb_B = nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype, device=device))
         self.first_A, self.first_B = first_A, first_B
         self.second_A, self.second_B = second_A, second_B
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        A = self.second_A(self.first_A(self.emb_A))  # (r, d_in)
-        B = self.second_B(self.first_B(self.emb_B)).t()  # (d_out, r)
+        A = self.second_A(self.first_A(self.emb_A))  # (r, d_in) or per head (H, r, d_in)
+        B = self.second_B(self.first_B(self.emb_B)).transpose(-1, -2)  # (d_out, r) or (H, d_head, r)
         return A, B
 
 

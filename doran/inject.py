@@ -8,6 +8,13 @@ parent module (``encoder.layer.3.attention.self`` for BERT's query/value, ``mode
 LLaMA's q_proj/v_proj, ``blocks.3.attn`` for timm's fused qkv, whose q and v slices share one module).
 Override with ``AdapterConfig(block_regex=...)``: the block of a projection is then the text the regex
 matches in its name (``re.search``), e.g. ``block_regex=r"layers\\.\\d+"``.
+
+Heads (HoRA, ``AdapterConfig(heads=...)``): with ``heads=H`` the head width of a block is the width of its
+widest adapted projection divided by H (H = the model's number of attention heads), and every projection of
+the block is cut into heads of that width, so that grouped-query attention's narrower v projection gets
+``num_key_value_heads`` heads of the same width as q's and one generator can serve both. ``heads="auto"``
+reads the head width from the projection's parent module (``head_dim`` in timm and LLaMA,
+``attention_head_size`` in BERT, else width / ``num_heads`` or ``num_attention_heads``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import difflib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -26,7 +34,8 @@ from .generators import FactorGenerator, FirstLayer, SecondLayer, init_second_A
 from .layers import AdaptedLinear, SliceAdapter, param_dtype
 
 STATE_ATTR = "_doran_state"
-GROUPS = ("factors", "generator", "magnitude", "tau", "other")
+_WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+GROUPS = ("factors", "generator", "magnitude", "tau", "diag", "rotation", "other")
 
 
 class InjectError(DoranError):
@@ -40,6 +49,7 @@ class _Target:
     slices: dict[str, tuple[int, int]]  # slice key -> [start, stop) output rows
     block: str  # pairing key for shared generators
     adapters: dict[str, SliceAdapter] = field(default_factory=dict)
+    heads: dict[str, int] = field(default_factory=dict)  # slice key -> number of heads (HoRA only)
 
 
 # ---------------------------------------------------------------------------------------------- matching
@@ -120,8 +130,67 @@ def _find_targets(model: nn.Module, cfg: AdapterConfig) -> list[_Target]:
                     f"rank r={cfg.r} is larger than {name}{'' if key == 'all' else '.' + key} allows "
                     f"(min(in, out) = {limit}); use r <= {limit}"
                 )
+            if cfg.rotation_rank > b - a:
+                raise InjectError(
+                    f"rotation_rank={cfg.rotation_rank} is larger than the output width {b - a} of "
+                    f"{_slice_name(name, key)}; use rotation_rank <= {b - a}"
+                )
         targets.append(_Target(name, module, slices, block))
+    if cfg.heads is not None:
+        _assign_heads(model, targets, cfg)
     return targets
+
+
+def _head_width_of_parent(model: nn.Module, name: str, width: int) -> int | None:
+    """The head width read from the attention module that holds ``name`` (None if it says nothing)."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for attr in ("head_dim", "attention_head_size"):  # timm Attention / LLaMA, BERT
+        value = getattr(parent, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    for attr in ("num_heads", "num_attention_heads"):
+        value = getattr(parent, attr, None)
+        if isinstance(value, int) and value > 0 and width % value == 0:
+            return width // value
+    return None
+
+
+def _assign_heads(model: nn.Module, targets: list[_Target], cfg: AdapterConfig) -> None:
+    """Number of heads of every adapted slice (HoRA); a width the head width does not divide is refused."""
+    widest: dict[str, tuple[int, str]] = {}
+    for t in targets:
+        for key, (a, b) in t.slices.items():
+            if t.block not in widest or b - a > widest[t.block][0]:
+                widest[t.block] = (b - a, _slice_name(t.name, key))
+    for t in targets:
+        for key, (a, b) in t.slices.items():
+            width, proj = b - a, _slice_name(t.name, key)
+            if cfg.heads == "auto":
+                d_head = _head_width_of_parent(model, t.name, width)
+                if d_head is None:
+                    raise InjectError(
+                        f"heads='auto' cannot find the head width of {proj}: its parent module has no "
+                        "head_dim, attention_head_size, num_heads or num_attention_heads; set heads=H (the "
+                        "number of attention heads) in the AdapterConfig"
+                    )
+                source = f"the head width {d_head} of its attention module (heads='auto')"
+            else:
+                top, top_name = widest[t.block]
+                if top % cfg.heads:
+                    raise InjectError(
+                        f"heads={cfg.heads} does not divide the output width {top} of {top_name}: HoRA "
+                        "cuts each projection into heads of equal width; set heads to the model's number of "
+                        f"attention heads (a divisor of {top}), or heads='auto'"
+                    )
+                d_head = top // cfg.heads
+                source = f"the head width {d_head} = {top} ({top_name}) / heads={cfg.heads}"
+            if width % d_head:
+                raise InjectError(
+                    f"{proj} has output width {width}, not a multiple of {source}; set heads to the model's "
+                    "number of attention heads"
+                )
+            t.heads[key] = width // d_head
 
 
 def _check_zero_rows(targets: list[_Target], cfg: AdapterConfig) -> None:
@@ -129,9 +198,11 @@ def _check_zero_rows(targets: list[_Target], cfg: AdapterConfig) -> None:
     if not cfg.magnitude or cfg.tau_mode != "zero":
         return
     for t in targets:
+        if t.module.weight.is_meta:  # shape-only model: no values to check
+            continue
         with torch.no_grad():
             norms = torch.linalg.vector_norm(t.module.weight.detach().float(), dim=1)
-        for key, (a, b) in t.slices.items():
+        for a, b in t.slices.values():
             zero = torch.nonzero(norms[a:b] == 0).flatten()
             if len(zero):
                 rows = ", ".join(str(int(i) + a) for i in zero[:5])
@@ -162,25 +233,31 @@ def _build_adapters(targets: list[_Target], cfg: AdapterConfig) -> None:
     for t in targets:
         W = t.module.weight
         dtype = param_dtype(W)
-        out_f, in_f = W.shape
+        device = W.device if W.is_meta else None  # see SliceAdapter: drawn on the CPU, moved by inject
+        in_f = W.shape[1]
         for key, (a, b) in t.slices.items():
             generator = None
+            heads = t.heads.get(key)  # None, or the number of heads of this slice (HoRA)
+            width_B = b - a if heads is None else (b - a) // heads  # rows generated per embedding set
             if cfg.factors == "generated":
                 proj = f"{t.name}.{key}"
                 scope_first = {"none": proj, "qv_first": t.block, "qv_full": t.block, "global": "*"}[cfg.sharing]
                 scope_second = {"none": proj, "qv_first": proj, "qv_full": t.block, "global": "*"}[cfg.sharing]
-                first = lambda: FirstLayer(cfg.gen_embed, cfg.gen_hidden, cfg.gen_activation, dtype)  # noqa: E731
+                first = partial(FirstLayer, cfg.gen_embed, cfg.gen_hidden, cfg.gen_activation, dtype, device)
                 first_A, _ = get(("first_A", scope_first), first)
                 first_B, _ = get(("first_B", scope_first), first)
                 fresh_A = ("second_A", scope_second) not in shared
-                second_A, _ = get(("second_A", scope_second), lambda: SecondLayer(cfg.gen_hidden, in_f, dtype),
+                second_A, _ = get(("second_A", scope_second),
+                                  partial(SecondLayer, cfg.gen_hidden, in_f, dtype, device),
                                   in_f, "second_A (input width)")
-                second_B, _ = get(("second_B", scope_second), lambda: SecondLayer(cfg.gen_hidden, b - a, dtype),
-                                  b - a, "second_B (output width)")
-                generator = FactorGenerator(cfg.r, cfg.gen_embed, first_A, first_B, second_A, second_B, dtype)
+                second_B, _ = get(("second_B", scope_second),
+                                  partial(SecondLayer, cfg.gen_hidden, width_B, dtype, device),
+                                  width_B, "second_B (" + ("output" if heads is None else "head") + " width)")
+                generator = FactorGenerator(cfg.r, cfg.gen_embed, first_A, first_B, second_A, second_B, dtype,
+                                            heads=heads, device=device)
                 if fresh_A:
                     init_second_A(second_A, first_A, generator.emb_A, in_f)
-            t.adapters[key] = SliceAdapter(cfg, W, a, b, generator=generator)
+            t.adapters[key] = SliceAdapter(cfg, W, a, b, generator=generator, heads=heads)
 
 
 def inject(model: nn.Module, cfg: AdapterConfig, trainable: tuple[str, ...] = ()) -> list[str]:
@@ -228,7 +305,9 @@ def inject(model: nn.Module, cfg: AdapterConfig, trainable: tuple[str, ...] = ()
     setattr(model, STATE_ATTR, {
         "config": cfg,
         "trainable": trainable,
-        "targets": {t.name: {"shape": list(t.module.weight.shape), "slices": {k: list(v) for k, v in t.slices.items()}}
+        "targets": {t.name: {"shape": list(t.module.weight.shape),
+                             "slices": {k: list(v) for k, v in t.slices.items()},
+                             **({"heads": dict(t.heads)} if t.heads else {})}  # HoRA: heads per slice
                     for t in targets},
     })
     return [t.name for t in targets]
@@ -279,6 +358,10 @@ def _group_of(local: str) -> str:
         return "magnitude"
     if local.startswith("tau"):
         return "tau"
+    if local == "diag":
+        return "diag"
+    if local.startswith("rotation."):
+        return "rotation"
     return "other"
 
 
@@ -286,8 +369,9 @@ def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
     """(name, parameter, group) for every adapter parameter and every other trainable one.
 
     Groups: ``factors`` (static A, B), ``generator`` (embeddings and MLPs), ``magnitude``, ``tau``,
-    ``other`` (trainable non-adapter parameters, e.g. a classifier head). Each tensor appears once, also
-    when a generator is shared.
+    ``diag`` (Pre-Diag's d), ``rotation`` (SORA's C, D), ``other`` (trainable non-adapter parameters, e.g. a
+    classifier head). Each tensor appears once, also when a generator is shared. Names are those of the
+    unwrapped model: the wrappers that FSDP and activation checkpointing insert are left out.
     """
     group_of: dict[int, str] = {}
     for _, module in adapted_modules(model):
@@ -295,6 +379,7 @@ def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
             for local, p in ad.named_parameters():
                 group_of.setdefault(id(p), _group_of(local))
     for name, p in model.named_parameters():
+        name = _WRAPPERS.sub("", name)
         group = group_of.get(id(p))
         if group is not None:
             yield name, p, group
@@ -345,7 +430,7 @@ def magnitudes(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
-    """AdamW parameter groups: decay on matrices only (no decay on 1-D tensors: magnitude, tau, biases);
+    """AdamW parameter groups: decay on matrices only (no decay on 1-D tensors: magnitude, tau, diag, biases);
     tau gets ``cfg.tau_lr`` when set.
 
     Example::
@@ -417,7 +502,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             linear.weight.copy_(module.merged_weight())
             if module.bias is not None:
-                linear.bias.copy_(module.bias)
+                linear.bias.copy_(module.merged_bias())  # rotated by SORA with rotate_bias=True
         linear.weight.requires_grad_(module.weight.requires_grad)
         if module.bias is not None:
             linear.bias.requires_grad_(module.bias.requires_grad)

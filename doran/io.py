@@ -65,7 +65,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Adap
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as err:  # safetensors raises several types for a damaged header or body
         raise AdapterFileError(f"{path} is not a readable safetensors adapter file ({err}); the file is "
                                "corrupt or truncated: save it again with doran.save_adapter") from err

@@ -71,7 +71,7 @@ def test_inject_twice_is_refused():
     snap = snapshot(model)
     with pytest.raises(doran.InjectError, match="already has doran adapters"):
         doran.inject(model, doran.AdapterConfig.preset("dora"))
-    params, modules = snapshot(model)
+    _, modules = snapshot(model)
     assert modules == snap[1]
 
 

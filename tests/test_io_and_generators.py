@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
-from conftest import perturb, run, tiny_bert, tiny_llama
+from conftest import perturb, tiny_bert, tiny_llama
 from test_inject_and_counts import assert_unchanged, snapshot
 from torch import nn
 
@@ -46,7 +45,7 @@ def test_load_into_other_architecture_is_refused(saved):
 
 
 def test_load_into_model_with_other_config_is_refused(saved):
-    model, path = saved
+    _, path = saved
     other = tiny_bert()
     doran.inject(other, doran.AdapterConfig.preset("dora", r=4), trainable=("classifier",))
     before = {n: p.detach().clone() for n, p in other.named_parameters()}

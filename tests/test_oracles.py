@@ -33,6 +33,38 @@ def reference_forward(x, W0, b, A, B, s, m=None, tau=None, detach=False):
     return x @ W.t() + (0 if b is None else b)
 
 
+def reference_general(x, W0, b, ad):
+    """Materialise every form of the family from the adapter's raw tensors, independently of layers.py:
+    W' = R (diag(d) W0 + s dW) or R (m * V / (||V||_row + tau)), V = W0 + s dW, R = I + s_p (D C^T - C D^T),
+    dW = B A, or per head dW = blockdiag(B_1, ..., B_H) [A_1; ...; A_H]; the bias rotated iff rotate_bias."""
+    cfg = ad.cfg
+    A, B = ad.factors()
+    if A.ndim == 3:  # per head: B_h (d_head, r), A_h (r, in)
+        dW = torch.block_diag(*B) @ A.reshape(-1, A.shape[-1])
+    else:
+        dW = B @ A
+    V = W0 + ad.s * dW
+    if cfg.magnitude:
+        _, scale = ad._weight_stats(W0)
+        m, tau = ad.magnitude, ad.tau_absolute(scale)
+        norm = torch.linalg.vector_norm(V, dim=1)
+        if cfg.detach_norm:
+            norm = norm.detach()
+        W = (m / (norm + tau))[:, None] * V
+    elif cfg.diag:
+        W = ad.diag[:, None] * W0 + ad.s * dW
+    else:
+        W = V
+    if cfg.rotation_rank:
+        C, D = ad.rotation.C, ad.rotation.D
+        s_p = torch.clamp(cfg.rotation_s0 / (C.norm() + D.norm() + 1e-6), max=1.0)
+        R = torch.eye(W.shape[0], dtype=W.dtype) + s_p * (D @ C.t() - C @ D.t())  # (out, out)
+        W = R @ W
+        if b is not None and cfg.rotate_bias:
+            b = R @ b
+    return x @ W.t() + (0 if b is None else b)
+
+
 CASES = [
     dict(method="lora"),
     dict(method="dora"),
@@ -43,6 +75,17 @@ CASES = [
     dict(method="doran", tau_mode="fixed", tau_init=0.3),
     dict(method="doran", tau_granularity="row"),
     dict(method="lora", factors="generated", sharing="none"),  # RepLoRA's form
+    dict(method="replora"),
+    dict(method="hora", heads=2),  # the Wrap layer has no attention module: heads given (10 rows, 2 heads)
+    dict(method="hora", heads=5, sharing="none"),
+    dict(method="lora", heads=2),  # static per-head factors
+    dict(method="doran", heads=2),  # per-head factors inside the DoRAN norm
+    dict(method="prediag"),
+    dict(method="sora"),
+    dict(method="sora", rotate_bias=True),
+    dict(method="sora", rotation_s0=50.0),  # s_p capped at 1
+    dict(method="doran", rotation_rank=3),  # a rotation on top of DoRAN
+    dict(method="lora", rotation_rank=2, rotate_bias=True),
 ]
 
 
@@ -65,13 +108,18 @@ def test_forward_and_gradients_equal_materialised_reference(case, bias):
     params = [p for _, p, _ in doran.named_adapter_parameters(model)]
     grads = torch.autograd.grad((y * torch.linspace(-1, 1, 10, dtype=y.dtype)).sum(), params)
 
-    A, B = ad.factors()
     W0, b = model.proj.weight, model.proj.bias
-    m = tau = None
-    if ad.cfg.magnitude:
-        _, scale = ad._weight_stats(W0)
-        m, tau = ad.magnitude, ad.tau_absolute(scale)
-    y_ref = reference_forward(x, W0, b, A, B, ad.s, m, tau, ad.cfg.detach_norm)
+    if ad.heads is None and not ad.cfg.diag and not ad.cfg.rotation_rank:
+        A, B = ad.factors()
+        m = tau = None
+        if ad.cfg.magnitude:
+            _, scale = ad._weight_stats(W0)
+            m, tau = ad.magnitude, ad.tau_absolute(scale)
+        y_ref = reference_forward(x, W0, b, A, B, ad.s, m, tau, ad.cfg.detach_norm)
+    else:
+        y_ref = reference_general(x, W0, b, ad)
+    if ad.cfg.rotation_s0 > 1:
+        assert ad.rotation.scale().item() == 1.0  # the cap binds in this case
     grads_ref = torch.autograd.grad((y_ref * torch.linspace(-1, 1, 10, dtype=y.dtype)).sum(), params)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for g, g_ref in zip(grads, grads_ref):

@@ -1,0 +1,1 @@
+"""Experiment scripts: one run (`python -m experiments.run`), configs in experiments/configs/."""

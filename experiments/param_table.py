@@ -1,0 +1,173 @@
+"""Trainable parameters of every preset, computed from shapes by the real core: a Markdown table (README).
+
+Two settings: ViT-B/16 with q and v adapted at r=8 (12 blocks, d=768, one fused ``attn.qkv`` of shape
+(2304, 768) per block, 12 heads) and LLaMA-7B with ``q_proj`` and ``v_proj`` adapted at r=16 (32 layers,
+d=4096, 32 heads). Each setting is a shape-only stand-in, a module tree with ``nn.Linear`` layers of the
+right shapes and names created on the meta device (no memory, no weights), into which ``doran.inject``
+injects every preset as a user would; the counts are ``doran.trainable_parameter_counts``. ``--check``
+first verifies that the stand-ins count exactly what the real timm ViT and Hugging Face LLaMA count, on
+small shapes (tests/test_methods.py runs the same check).
+
+Usage::
+
+    python -m experiments.param_table            # print the table (from the repository root)
+    python -m experiments.param_table --check    # verify the stand-ins against real models, then print
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch import nn
+
+import doran
+from doran.config import PRESET_FORMS
+
+
+class _Attention(nn.Module):
+    """The attention module of a stand-in: only what the core reads (Linear shapes, names, head_dim)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, fused: bool, device: str) -> None:
+        super().__init__()
+        self.head_dim = dim // heads  # what heads="auto" reads, as in timm's Attention and LLaMA's
+        if fused:  # timm ViT: one q|k|v Linear with bias
+            self.qkv = nn.Linear(dim, 3 * dim, bias=True, device=device)
+        else:  # LLaMA: separate projections without bias, k/v of kv_heads heads (grouped-query attention)
+            self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False, device=device)
+            self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False, device=device)
+            self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False, device=device)
+
+
+def vit_standin(depth: int = 12, dim: int = 768, heads: int = 12, device: str = "meta") -> nn.Module:
+    """``blocks.{i}.attn.qkv`` as in timm's VisionTransformer (ViT-B/16 by default)."""
+    model = nn.Module()
+    model.blocks = nn.ModuleList()
+    for _ in range(depth):
+        block = nn.Module()
+        block.attn = _Attention(dim, heads, heads, fused=True, device=device)
+        model.blocks.append(block)
+    return model
+
+
+def llama_standin(
+    layers: int = 32, dim: int = 4096, heads: int = 32, kv_heads: int | None = None, device: str = "meta"
+) -> nn.Module:
+    """``model.layers.{i}.self_attn.{q,k,v}_proj`` as in transformers' LlamaForCausalLM (LLaMA-7B)."""
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList()
+    for _ in range(layers):
+        layer = nn.Module()
+        layer.self_attn = _Attention(dim, heads, kv_heads or heads, fused=False, device=device)
+        model.model.layers.append(layer)
+    return model
+
+
+# (column title, stand-in factory, adapter fields)
+SETTINGS = [
+    ("ViT-B/16 q/v, r=8", vit_standin, {"r": 8, "alpha": 16, "targets": ("qkv",)}),
+    ("LLaMA-7B q/v, r=16", llama_standin, {"r": 16, "alpha": 32, "targets": ("q_proj", "v_proj")}),
+]
+
+
+def adapter_count(model: nn.Module, preset: str, **fields) -> int:
+    """Trainable adapter parameters of ``preset`` injected into ``model`` (the model is changed)."""
+    doran.inject(model, doran.AdapterConfig.preset(preset, **fields))
+    counts = doran.trainable_parameter_counts(model)
+    return counts["trainable"] - counts["other"]
+
+
+def counts_table() -> dict[str, list[int]]:
+    """``{preset: [count per setting]}`` for every preset in ``doran.PRESETS``."""
+    return {
+        name: [adapter_count(factory(), name, **fields) for _, factory, fields in SETTINGS]
+        for name in doran.PRESETS
+    }
+
+
+def markdown(counts: dict[str, list[int]]) -> str:
+    missing = sorted(set(counts) - set(PRESET_FORMS))
+    if missing:
+        raise KeyError(f"no equation in doran.config.PRESET_FORMS for preset(s) {missing}; add one")
+    lora = counts["lora"]
+    head = ["method", "W' (one adapted projection)", *(title for title, _, _ in SETTINGS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(SETTINGS)) + "|"]
+    for name, row in counts.items():
+        cells = [f"{n:,} ({n / base:.2f}x LoRA)" for n, base in zip(row, lora)]
+        lines.append(f"| `{name}` | `{PRESET_FORMS[name]}` | " + " | ".join(cells) + " |")
+    cfg = doran.AdapterConfig()
+    lines.append("")
+    lines.append(
+        "Counts from `python -m experiments.param_table` (shapes only, the real core on the meta device); "
+        "alpha = 2r, "
+        f"generators of hidden width {cfg.gen_hidden} and embedding width {cfg.gen_embed}, HoRA with the "
+        f"models' heads (12 and 32, heads='auto'), SORA with r_p = {doran.PRESETS['sora']['rotation_rank']}. "
+        "(e): factors generated by the auxiliary network; s_p = min(1, s0 / (‖C‖_F + ‖D‖_F))."
+    )
+    return "\n".join(lines)
+
+
+def check_against_real_models() -> None:
+    """Raise AssertionError unless the stand-ins count exactly what real small timm / HF models count."""
+    import timm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def real_vit():
+        return timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            patch_size=8,
+            num_classes=3,
+            depth=2,
+            embed_dim=48,
+            num_heads=3,
+        )
+
+    def real_llama():
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+            )
+        )
+
+    cases = [
+        (real_vit, lambda: vit_standin(depth=2, dim=48, heads=3), {"r": 4, "targets": ("qkv",)}),
+        (
+            real_llama,
+            lambda: llama_standin(layers=2, dim=32, heads=4, kv_heads=2),
+            {"r": 4, "targets": ("q_proj", "v_proj")},
+        ),
+    ]
+    for real, standin, fields in cases:
+        for name in doran.PRESETS:
+            want = adapter_count(real(), name, **fields)
+            got = adapter_count(standin(), name, **fields)
+            assert got == want, f"{name} {fields['targets']}: stand-in counts {got}, the real model {want}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="verify the stand-ins against real small models")
+    args = parser.parse_args(argv)
+    if args.check:
+        check_against_real_models()
+        print(
+            "check: stand-in counts equal the real timm ViT and HF LLaMA counts for every preset",
+            file=sys.stderr,
+        )
+    with torch.device("cpu"):
+        print(markdown(counts_table()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
