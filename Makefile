@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 VENV ?= .venv
 
-.PHONY: help install test test-slow lint param-table
+.PHONY: help install test test-slow lint param-table run smoke
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -25,3 +25,9 @@ lint:  ## ruff
 
 param-table:  ## the README's table of methods and trainable parameters (checked against real tiny models)
 	$(PY) -m experiments.param_table --check
+
+run:  ## one run; make run ARGS="method=lora seed=1 fraction=0.1"
+	$(PY) -m experiments.run $(ARGS)
+
+smoke:  ## the embedded default end to end in ~20 s on CPU
+	$(PY) -m experiments.run --config experiments/configs/smoke.yaml $(ARGS)

