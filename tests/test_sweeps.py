@@ -1,0 +1,374 @@
+"""The experiment targets on the smoke profile: tune, sweeps, collection, figures, the results table, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pandas as pd
+import pytest
+import yaml
+
+from experiments import collect, plots, sweep, tune
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_SWEEPS = ("sample_efficiency", "ablation_tau", "ablation_hypernet")
+
+
+def _results(folder: Path) -> dict[str, dict]:
+    """run_id -> result of every result file in a sweep folder."""
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        if path.name != "sweep.json" and not path.name.endswith(".error.json"):
+            out[path.stem] = json.loads(path.read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """`make tune`, the three sweeps, `make figures` and `make results-table`, all on the smoke profile."""
+    root = tmp_path_factory.mktemp("smoke")
+    results, tuned, figures = root / "results", root / "tuned", root / "figures"
+    common = ["--profile", "smoke", "--results", str(results), "--tuned-dir", str(tuned)]
+    assert tune.main(common) == 0
+    assert sweep.main(["all", *common, "--no-progress"]) == 0
+    readme = root / "README.md"
+    readme.write_text(f"# x\n\n{collect.START}\nold table\n{collect.END}\n\nmore text\n")
+    assert collect.main(["--profile", "smoke", "--results", str(results), "--readme", str(readme)]) == 0
+    assert plots.main(["--profile", "smoke", "--results", str(results), "--out", str(figures)]) == 0
+    return {
+        "root": root,
+        "results": results / "smoke",
+        "tuned": tuned / "smoke",
+        "figures": figures,
+        "readme": readme,
+        "common": common,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- grids
+def test_protocol_gives_small_fractions_at_least_min_steps():
+    assert sweep.protocol_epochs(3, 150, n_train=103, batch_size=32) == 38  # 4 steps/epoch
+    assert sweep.protocol_epochs(3, 150, n_train=1021, batch_size=32) == 5
+    assert sweep.protocol_epochs(3, 150, n_train=10202, batch_size=32) == 3
+    assert sweep.protocol_epochs(3, 0, n_train=103, batch_size=32) == 3
+
+
+def test_default_profile_grid_follows_the_written_protocol():
+    profile = sweep.load_profile("default")
+    points = sweep.build_grid(
+        sweep.load_sweep("sample_efficiency", profile), profile, tuned_dir=None, seeds=[0]
+    )
+    epochs = {p.fraction: p.cfg["train"]["epochs"] for p in points}
+    assert epochs == {0.01: 38, 0.1: 5, 1.0: 3}
+    assert {p.method for p in points} >= {"lora", "dora", "doran"}
+    assert len({p.run_id for p in points}) == len(points)
+
+
+def test_every_profile_and_sweep_file_loads():
+    for path in sweep.PROFILE_DIR.glob("*.yaml"):
+        profile = sweep.load_profile(path.stem)
+        for name in SMOKE_SWEEPS:
+            spec = sweep.load_sweep(name, profile)
+            assert spec.variants and spec.seeds and spec.fractions
+    assert tune.load_space("default")["alpha_over_r"] == 2
+
+
+def test_image_profile_without_data_is_refused_before_any_run(tmp_path):
+    assert sweep.main(["sample_efficiency", "--profile", "vtab", "--results", str(tmp_path)]) == 2
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_sweep_and_variant_are_errors_naming_the_choices(capsys):
+    assert sweep.main(["ablation_tauu", "--profile", "smoke"]) == 2
+    assert "valid: ['ablation_hypernet', 'ablation_tau', 'sample_efficiency'" in capsys.readouterr().err
+    assert sweep.main(["ablation_hypernet", "--profile", "smoke", "--variants", "qv_fist"]) == 2
+    assert "unknown variant(s) ['qv_fist']" in capsys.readouterr().err
+
+
+def test_tuned_files_are_merged_per_method_and_recorded(tmp_path):
+    path = sweep.tuned_path("smoke", "lora", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("overrides: {train.lr: 0.0042, adapter.r: 2, adapter.alpha: 4.0}\n")
+    profile = sweep.load_profile("smoke")
+    points = sweep.build_grid(
+        sweep.load_sweep("sample_efficiency", profile),
+        profile,
+        tuned_dir=tmp_path,
+        seeds=[0],
+        fractions=[0.01],
+    )
+    lora = next(p for p in points if p.method == "lora")
+    dora = next(p for p in points if p.method == "dora")
+    assert (
+        lora.cfg["train"]["lr"] == 0.0042
+        and lora.cfg["adapter"]["r"] == 2
+        and lora.tuned.endswith("lora.yaml")
+    )
+    assert dora.cfg["train"]["lr"] == 3e-3 and dora.tuned is None
+
+
+# ----------------------------------------------------------------------------------------------- make targets
+def test_tune_writes_one_tuned_file_per_method_with_the_same_budget(smoke):
+    files = sorted(smoke["tuned"].glob("*.yaml"))
+    assert [f.stem for f in files] == sorted(sweep.all_methods())
+    for f in files:
+        doc = yaml.safe_load(f.read_text())
+        assert doc["trials"]["complete"] + doc["trials"]["pruned"] == 2
+        assert doc["overrides"]["adapter.alpha"] == 2 * doc["overrides"]["adapter.r"]
+        assert ("adapter.tau_init" in doc["overrides"]) == (f.stem == "doran")
+    trials = pd.read_csv(smoke["results"] / "tune" / "trials.csv")
+    assert set(trials["method"]) == set(sweep.all_methods())
+
+
+def test_every_sweep_writes_one_result_per_grid_point_using_the_tuned_values(smoke):
+    profile = sweep.load_profile("smoke")
+    for name in SMOKE_SWEEPS:
+        folder = smoke["results"] / name
+        manifest = sweep.read_manifest(folder)
+        spec = sweep.load_sweep(name, profile)
+        assert len(manifest["entries"]) == len(spec.variants) * len(spec.seeds) * len(spec.fractions)
+        done = _results(folder)
+        assert {e["run_id"] for e in manifest["entries"].values()} == set(done)
+        assert all(r["status"] == "completed" for r in done.values())
+        assert all(e["tuned"] and e["tuned"].endswith(".yaml") for e in manifest["entries"].values())
+    se = _results(smoke["results"] / "sample_efficiency")
+    doran_tuned = yaml.safe_load((smoke["tuned"] / "doran.yaml").read_text())
+    lr = {r["config"]["train"]["lr"] for r in se.values() if r["method"] == "doran"}
+    assert lr == {doran_tuned["overrides"]["train.lr"]}
+
+
+def test_methods_with_one_seed_are_paired(smoke):
+    runs = pd.read_csv(smoke["results"] / "sample_efficiency" / "runs.csv")
+    per_cell = runs.groupby(["seed", "fraction"])["subset_sha256"].nunique()
+    assert (per_cell == 1).all()
+    paired = pd.read_csv(smoke["results"] / "sample_efficiency" / "paired.csv")
+    assert (
+        paired["paired_ok"].all() and (paired["n_pairs"] == 2).all() and "lora" not in set(paired["variant"])
+    )
+
+
+def test_figures_are_written_as_png_and_pdf_from_the_csvs(smoke):
+    for name in plots.FIGURES:
+        for ext in ("png", "pdf"):
+            path = smoke["figures"] / f"{name}.{ext}"
+            assert path.is_file() and path.stat().st_size > 1000, path
+
+
+def test_results_table_replaces_the_readme_block_only(smoke):
+    text = smoke["readme"].read_text()
+    assert "old table" not in text and text.endswith("more text\n")
+    block = text.split(collect.START)[1].split(collect.END)[0]
+    assert "| `lora` |" in block and "| `doran` |" in block and "data to reach lora@5%" in block
+    assert "Tau ablation" in block and "Auxiliary-network sharing" in block
+    assert (smoke["results"] / "results_table.md").read_text().strip() == block.strip()
+
+
+def test_rerunning_a_finished_target_runs_nothing(smoke, monkeypatch, capsys):
+    def no_run(*args, **kwargs):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr("experiments.run.run", no_run)
+    assert sweep.main(["all", *smoke["common"], "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("0 completed") == 3 and "28 already finished" in out
+
+
+def test_make_targets_call_these_entry_points():
+    out = subprocess.run(
+        [
+            "make",
+            "-n",
+            "ablation-tau",
+            "sample-efficiency",
+            "ablation-hypernet",
+            "tune",
+            "figures",
+            "results-table",
+            "PROFILE=smoke",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        pytest.skip("the experiment targets are not in the Makefile yet")
+    for needle in (
+        "experiments.sweep ablation_tau",
+        "experiments.sweep sample_efficiency",
+        "experiments.sweep ablation_hypernet",
+        "experiments.tune",
+        "experiments.plots",
+        "experiments.collect",
+        "--profile smoke",
+    ):
+        assert needle in out.stdout, needle
+
+
+# ----------------------------------------------------------------------------------------------- losing nothing
+class _CtrlC(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_files(tmp_path, monkeypatch):
+    args = ["ablation_hypernet", "--profile", "smoke", "--seeds", "0", "--no-tuned", "--no-progress"]
+    assert sweep.main([*args, "--results", str(tmp_path / "a")]) == 0
+
+    from experiments import run as run_module
+
+    real, calls = run_module.run, []
+
+    def ctrl_c_in_third_run(cfg, callbacks=(), **kwargs):
+        calls.append(cfg)
+        return real(cfg, callbacks=[*callbacks, _CtrlC()] if len(calls) == 3 else callbacks, **kwargs)
+
+    monkeypatch.setattr(run_module, "run", ctrl_c_in_third_run)
+    assert sweep.main([*args, "--results", str(tmp_path / "b")]) == 130
+    folder_b = tmp_path / "b" / "smoke" / "ablation_hypernet"
+    assert len(_results(folder_b)) == 2 and not list(folder_b.glob("*.error.json"))
+    monkeypatch.setattr(run_module, "run", real)
+    assert sweep.main([*args, "--results", str(tmp_path / "b")]) == 0
+
+    a, b = _results(tmp_path / "a" / "smoke" / "ablation_hypernet"), _results(folder_b)
+    assert sorted(a) == sorted(b) and len(a) == 5
+    for run_id in a:
+        assert a[run_id]["metrics"]["test/acc"] == b[run_id]["metrics"]["test/acc"]
+        assert a[run_id]["metrics"]["test/loss"] == pytest.approx(b[run_id]["metrics"]["test/loss"], rel=1e-6)
+    assert (
+        sweep.read_manifest(tmp_path / "a" / "smoke" / "ablation_hypernet")["entries"]
+        == sweep.read_manifest(folder_b)["entries"]
+    )
+
+
+def test_a_run_that_raises_is_recorded_and_retried_next_time(tmp_path, monkeypatch):
+    from experiments import run as run_module
+
+    real = run_module.run
+
+    def broken(cfg, **kwargs):
+        if cfg["adapter"].get("sharing") == "global":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(cfg, **kwargs)
+
+    args = [
+        "ablation_hypernet",
+        "--profile",
+        "smoke",
+        "--seeds",
+        "0",
+        "--no-tuned",
+        "--no-progress",
+        "--results",
+        str(tmp_path),
+        "--variants",
+        "qv_full",
+        "global",
+    ]
+    monkeypatch.setattr(run_module, "run", broken)
+    assert sweep.main(args) == 1
+    folder = tmp_path / "smoke" / "ablation_hypernet"
+    [error] = folder.glob("*.error.json")
+    record = json.loads(error.read_text())
+    assert (
+        record["error"] == "RuntimeError" and "out of memory" in record["message"] and record["attempts"] == 1
+    )
+    runs = collect.collect_sweep(folder)["runs"]
+    assert sorted(runs["status"]) == ["completed", "error"]
+    monkeypatch.setattr(run_module, "run", real)
+    assert sweep.main(args) == 0
+    assert not list(folder.glob("*.error.json")) and len(_results(folder)) == 2
+
+
+def test_identical_runs_of_another_sweep_are_reused_not_rerun(smoke, tmp_path, monkeypatch):
+    # the tau ablation's "generated, tau learned" is DoRAN at its tuned values: the sample-efficiency run
+    results = tmp_path / "results"
+    shutil.copytree(smoke["results"] / "sample_efficiency", results / "smoke" / "sample_efficiency")
+    monkeypatch.setattr("experiments.run.run", lambda *a, **k: pytest.fail("should have been reused"))
+    profile = sweep.load_profile("smoke")
+    spec = sweep.load_sweep("sample_efficiency", profile)
+    points = sweep.build_grid(spec, profile, results_dir=results, tuned_dir=smoke["tuned"].parent)
+    spec.name = "copy"
+    moved = sweep.build_grid(spec, profile, results_dir=results, tuned_dir=smoke["tuned"].parent)
+    outcome = sweep.run_points(moved, results_dir=results, progress=False)
+    assert outcome.reused == len(points) and {p.run_id for p in moved} == {p.run_id for p in points}
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def test_reach_fraction_interpolates_log_linearly_and_says_so():
+    f, how = collect.reach_fraction([0.01, 0.1, 1.0], [0.70, 0.80, 0.84], 0.82)
+    assert how == "interpolated" and f == pytest.approx(10**-0.5)
+    assert collect.reach_fraction([0.01, 0.1, 1.0], [0.70, 0.80, 0.81], 0.82) == (
+        pytest.approx(math.nan, nan_ok=True),
+        "not reached",
+    )
+    assert collect.reach_fraction([0.01, 0.1], [0.9, 0.95], 0.82) == (0.01, "at or below")
+
+
+def test_paired_differences_use_seed_by_seed_t_intervals():
+    rows = []
+    for seed, (a, b) in enumerate([(0.80, 0.82), (0.70, 0.73), (0.75, 0.76)]):
+        for variant, acc in (("lora", a), ("doran", b)):
+            rows.append(
+                {
+                    "variant": variant,
+                    "method": variant,
+                    "seed": seed,
+                    "fraction": 1.0,
+                    "status": "completed",
+                    "test_acc": acc,
+                    "subset_sha256": f"h{seed}",
+                }
+            )
+    p = collect.paired_differences(pd.DataFrame(rows), "lora").iloc[0]
+    assert p["n_pairs"] == 3 and p["diff_mean"] == pytest.approx(0.02) and p["wins"] == 3 and p["paired_ok"]
+    # t(0.975, 2) = 4.303, sd of (0.02, 0.03, 0.01) = 0.01
+    assert p["diff_ci_high"] - p["diff_mean"] == pytest.approx(4.3027 * 0.01 / math.sqrt(3), rel=1e-3)
+
+
+def test_parallel_workers_write_the_same_results_as_one_process(tmp_path):
+    args = [
+        "ablation_hypernet",
+        "--profile",
+        "smoke",
+        "--seeds",
+        "0",
+        "--no-tuned",
+        "--no-progress",
+        "--variants",
+        "static",
+        "qv_first",
+    ]
+    assert sweep.main([*args, "--results", str(tmp_path / "a")]) == 0
+    assert sweep.main([*args, "--results", str(tmp_path / "b"), "--jobs", "2"]) == 0
+    a = _results(tmp_path / "a" / "smoke" / "ablation_hypernet")
+    b = _results(tmp_path / "b" / "smoke" / "ablation_hypernet")
+    assert sorted(a) == sorted(b) and len(a) == 2
+    for run_id in a:
+        assert a[run_id]["metrics"]["test/loss"] == pytest.approx(b[run_id]["metrics"]["test/loss"], rel=1e-5)
+    assert len(list((tmp_path / "b" / "smoke" / "ablation_hypernet" / "logs").glob("*.log"))) == 2
+
+
+def test_tune_resumes_and_writes_the_tuned_file_only_once_the_budget_is_spent(tmp_path):
+    common = [
+        "--profile",
+        "smoke",
+        "--methods",
+        "prediag",
+        "--results",
+        str(tmp_path),
+        "--tuned-dir",
+        str(tmp_path / "tuned"),
+    ]
+    assert tune.main([*common, "--time-limit", "0.01"]) == 1  # one trial, then the time is up
+    assert not sweep.tuned_path("smoke", "prediag", tmp_path / "tuned").exists()
+    assert tune.main(common) == 0
+    doc = yaml.safe_load(sweep.tuned_path("smoke", "prediag", tmp_path / "tuned").read_text())
+    assert doc["trials"]["complete"] + doc["trials"]["pruned"] == 2 and doc["storage"].startswith(
+        "sqlite:///"
+    )
