@@ -217,7 +217,10 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
         )
         doran.print_trainable_parameters(module.model)
     t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+    if t["max_steps"] != 0:  # train.max_steps=0 evaluates the base model: every preset is the identity at step 0
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+    else:
+        data.setup("fit")
     fit_s = time.perf_counter() - t_fit
     failure = cbs["guard"].failure
 
