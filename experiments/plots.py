@@ -1,7 +1,7 @@
 """Every figure of the repository, each from one CSV written by ``experiments.collect``. Trains nothing.
 
     python -m experiments.plots --profile default                # figures/ (other profiles: figures/<profile>/)
-    python -m experiments.plots --profile smoke --results /tmp/r --out /tmp/figs
+    python -m experiments.plots --profile smoke --results results-dir --out figures-dir
 
 Theme, palette and method order are set once here. Every figure has labelled axes with units, a legend and
 error bars over seeds (mean and 95% t-interval, the statistics of ``experiments.collect``), and is written as

@@ -157,7 +157,7 @@ def test_run_id_follows_the_computation_not_the_runtime():
     a = results.make_run_id(load_config(None, ["method=lora", "seed=1", "fraction=0.1"]))
     b = results.make_run_id(
         load_config(
-            None, ["method=lora", "seed=1", "fraction=0.1", "runtime.threads=1", "out=/tmp/elsewhere"]
+            None, ["method=lora", "seed=1", "fraction=0.1", "runtime.threads=1", "out=experiments/results/elsewhere"]
         )
     )
     c = results.make_run_id(load_config(None, ["method=lora", "seed=1", "fraction=0.1", "train.lr=5e-4"]))
