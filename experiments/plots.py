@@ -101,7 +101,10 @@ def _note(fig: plt.Figure, runs: pd.DataFrame) -> None:
     if done.empty:
         return
     devices = ", ".join(sorted(set(done["device"].dropna().astype(str)))) if "device" in done else "?"
-    text = f"{len(done)} runs, {done['seed'].nunique()} seeds; {devices}"
+    keys = [k for k in ("variant", "fraction") if k in done]
+    per = done.groupby(keys)["seed"].nunique() if keys else pd.Series([done["seed"].nunique()])
+    seeds = f"{per.min()}" if per.min() == per.max() else f"{per.min()}-{per.max()}"
+    text = f"{len(done)} runs, {seeds} seeds per point; {devices}"
     if "dirty" in done and done["dirty"].fillna(False).astype(bool).any():
         text += "; some runs from an uncommitted tree"
     fig.text(0.99, 0.005, text, ha="right", va="bottom", fontsize=7, color="0.4")
