@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 VENV ?= .venv
 
-.PHONY: help install test test-slow lint param-table run smoke
+.PHONY: help install test test-slow lint param-table run smoke bench
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ test-slow:  ## the slow tests
 
 lint:  ## ruff
 	$(PY) -m ruff check doran experiments tests
+
+bench:  ## CPU step-time benchmark of every variant on the embedded default (a few minutes)
+	$(PY) -m benchmarks.step_time --workload minilm --threads 2 --out benchmarks/results/cpu-minilm.json
 
 param-table:  ## the README's table of methods and trainable parameters (checked against real tiny models)
 	$(PY) -m experiments.param_table --check
