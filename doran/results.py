@@ -55,8 +55,17 @@ PACKAGES = (
 )
 
 
+#: paths inside the repository are written relative to it (a result must not name one machine's folders)
+_REPO_PREFIX = str(Path(__file__).resolve().parent.parent) + os.sep
+
+
 def _jsonable(obj: Any) -> Any:
-    """Convert tensors, numpy values, paths and non-finite floats to JSON (non-finite floats become None)."""
+    """Convert tensors, numpy values, paths and non-finite floats to JSON (non-finite floats become None).
+
+    Absolute paths inside the repository become relative to its root.
+    """
+    if isinstance(obj, str) and obj.startswith(_REPO_PREFIX):
+        return obj[len(_REPO_PREFIX):]
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -66,7 +75,7 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     if isinstance(obj, Path):
-        return str(obj)
+        return _jsonable(str(obj))
     if hasattr(obj, "tolist"):  # torch / numpy
         return _jsonable(obj.tolist())
     if hasattr(obj, "item"):
