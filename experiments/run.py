@@ -35,6 +35,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 #: sections whose keys are free (checked elsewhere): AdapterConfig fields, constructor kwargs.
 FREE_SECTIONS = ("adapter", "model.kwargs")
+#: the data-config keys that ``doran.data.load_splits`` takes
+DATA_ARGS = ("path", "train_path", "val_path", "test_path", "text_column", "label_column", "label_names", "split",
+             "split_seed", "task", "name", "protocol", "image_dir")
 TEXT_DATA, IMAGE_DATA = ("embedded", "table", "csv", "jsonl"), ("vtab", "fgvc", "imagefolder")
 
 
@@ -313,24 +316,7 @@ def run(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     # 1. data: read and validate everything before any model is loaded
-    data_args = {
-        k: d[k]
-        for k in (
-            "path",
-            "train_path",
-            "val_path",
-            "test_path",
-            "text_column",
-            "label_column",
-            "label_names",
-            "split",
-            "split_seed",
-            "task",
-            "name",
-            "protocol",
-            "image_dir",
-        )
-    }
+    data_args = {k: d[k] for k in DATA_ARGS}
     splits = load_splits(d["kind"], **data_args)
     subset = stratified_subset(splits.train.labels, cfg["fraction"], cfg["seed"])
     train_split = splits.train.take(subset)
@@ -500,32 +486,39 @@ def run(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.run",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", default=None, help=f"YAML merged over {DEFAULT_CONFIG.name}")
+def cli(argv: list[str] | None, prog: str, doc: str, default_config: Path, load, run_fn,
+        errors: tuple[type[BaseException], ...]) -> int:
+    """The command line shared by the run scripts: ``--config``, ``--print-config``, ``key=value`` overrides.
+
+    Exit status: 0 completed, 3 failed (recorded), 2 bad input (one of ``errors``, printed without a trace).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help=f"YAML merged over {default_config.name}")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (e.g. method=dora train.lr=5e-4)")
     args = parser.parse_args(argv)
-    from doran.assets import AssetError
-    from doran.data import DataError
-    from doran.training import WeightsError
-
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load(args.config, args.overrides)
         if args.print_config:
             from doran.results import make_run_id
 
             print(yaml.safe_dump({"run_id": make_run_id(cfg), **cfg}, sort_keys=False))
             return 0
-        result = run(cfg)
-    except (ConfigError, DataError, WeightsError, AssetError) as err:
+        result = run_fn(cfg)
+    except (ConfigError, *errors) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0 if result["status"] == "completed" else 3
+    return 0 if not result or result["status"] == "completed" else 3  # {}: a non-zero rank of a multi-GPU run
+
+
+def main(argv: list[str] | None = None) -> int:
+    from doran.assets import AssetError
+    from doran.data import DataError
+    from doran.training import WeightsError
+
+    return cli(argv, "python -m experiments.run", __doc__, DEFAULT_CONFIG, load_config, run,
+               (DataError, WeightsError, AssetError))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ global rank 0. Exit status: 0 completed, 3 failed (NaN/inf loss, recorded), 2 ba
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -24,9 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from experiments.run import ConfigError, _merge, _read_yaml, apply_overrides
+from experiments.run import ConfigError, _merge, _read_yaml, apply_overrides, cli
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "lm_default.yaml"
@@ -315,30 +313,11 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.run_lm",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", default=None, help=f"YAML merged over {DEFAULT_CONFIG.name}")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (e.g. method=dora train.lr=1e-4)")
-    args = parser.parse_args(argv)
     from doran.commonsense import CommonsenseDataError
     from doran.lm import ModelFilesError
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            from doran.results import make_run_id
-
-            print(yaml.safe_dump({"run_id": make_run_id(cfg), **cfg}, sort_keys=False))
-            return 0
-        result = run(cfg)
-    except (ConfigError, CommonsenseDataError, ModelFilesError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0 if not result or result["status"] == "completed" else 3
+    return cli(argv, "python -m experiments.run_lm", __doc__, DEFAULT_CONFIG, load_config, run,
+               (CommonsenseDataError, ModelFilesError))
 
 
 if __name__ == "__main__":

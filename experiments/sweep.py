@@ -357,26 +357,10 @@ _SPLIT_CACHE: dict[str, Any] = {}
 def data_splits(cfg: dict[str, Any]):
     """The run's ``doran.data.Splits`` (cached per data config; reads and validates the data, no model)."""
     from doran.data import load_splits
+    from experiments.run import DATA_ARGS
 
     d = cfg["data"]
-    args = {
-        k: d[k]
-        for k in (
-            "path",
-            "train_path",
-            "val_path",
-            "test_path",
-            "text_column",
-            "label_column",
-            "label_names",
-            "split",
-            "split_seed",
-            "task",
-            "name",
-            "protocol",
-            "image_dir",
-        )
-    }
+    args = {k: d[k] for k in DATA_ARGS}
     key = json.dumps([d["kind"], args, os.environ.get(ENV_DATA_FILE)], sort_keys=True, default=str)
     if key not in _SPLIT_CACHE:
         _SPLIT_CACHE[key] = load_splits(d["kind"], **args)
