@@ -165,8 +165,13 @@ def _git(*args: str, cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+NOT_CODE = ("experiments/results", "figures", "benchmarks/results")
+
+
 def git_state(repo: str | Path | None = None) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the repository holding this package.
+
+    Dirty means a tracked file outside :data:`NOT_CODE` (result files, figures) differs from the commit.
 
     Where the tree has no git history, ``$DORAN_GIT_COMMIT`` (and ``$DORAN_GIT_DIRTY``) state it.
     """
@@ -176,7 +181,9 @@ def git_state(repo: str | Path | None = None) -> dict[str, Any]:
         # a copy of the tree without its history (a lent GPU machine): the caller states the commit
         dirty = os.environ.get("DORAN_GIT_DIRTY", "") not in ("", "0", "false")
         return {"commit": os.environ["DORAN_GIT_COMMIT"], "dirty": dirty, "stated_by": "DORAN_GIT_COMMIT"}
-    status = _git("status", "--porcelain", "--untracked-files=no", cwd=repo)
+    # only code counts: result files and figures change while a sweep runs (its own sweep.json first)
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in
+                  NOT_CODE), cwd=repo)
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 

@@ -373,3 +373,27 @@ def test_tiny_vit_trains_in_mixed_precision_on_gpu(tmp_path, method, precision):
     totals = r["grad_norm"]["total"]
     # fp16's grad scaler may skip a few overflowing first steps (their norm is recorded as null)
     assert all(v is not None for v in totals) if precision == "auto" else any(v is not None for v in totals)
+
+
+def test_git_state_counts_code_changes_but_not_result_files(tmp_path):
+    import subprocess
+
+    from doran.results import git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "doran").mkdir()
+    (tmp_path / "experiments" / "results" / "sweep.json").write_text("{}")
+    (tmp_path / "doran" / "core.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "experiments" / "results" / "sweep.json").write_text('{"updated": 1}')
+    assert git_state(tmp_path)["dirty"] is False  # a sweep rewriting its own state is not a code change
+    (tmp_path / "doran" / "core.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["dirty"] is True
