@@ -21,7 +21,7 @@ test-slow:  ## the slow tests
 	$(PY) -m pytest -q -m "slow and not gpu"
 
 lint:  ## ruff
-	$(PY) -m ruff check doran experiments tests
+	$(PY) -m ruff check doran experiments tests benchmarks
 
 bench:  ## CPU step-time benchmark of every variant on the embedded default (a few minutes)
 	$(PY) -m benchmarks.step_time --workload minilm --threads 2 --out benchmarks/results/cpu-minilm.json

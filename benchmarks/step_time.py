@@ -8,10 +8,14 @@ Workloads (base frozen; forward, backward and AdamW step on the adapter; bf16 au
   llama   a LLaMA-shaped model (hidden 4096, intermediate 11008, 32 heads, 4 layers, random init),
           batch 4 x 512 tokens, q_proj/v_proj, r=16
   minilm  the embedded all-MiniLM-L6-v2 (CPU default), batch 32 x 64 tokens, query/value, r=8
-  layer   one Linear layer: widths 768..8192, ranks 8..256, tokens per step (--sweep)
+  (c)     --layer-sweep: one square bf16 Linear, widths 768..8192, ranks 8..256, tokens per step; GPU-busy
+          time of LoRA, DoRAN with g applied to the weight / to the output, DoRAN's reference path, PEFT DoRA
 
-Variants run in one process, in the same execution mode: no adapter, our presets (lora, dora, doran, ...),
-PEFT's LoRA and PEFT's DoRA. Before timing, every variant's output at step 0 is checked against the
+Variants run in one process: no adapter, our presets (lora, dora, doran, ...), PEFT's LoRA and PEFT's DoRA.
+A suffix picks our execution mode: ``doran`` is the default fused path (doran/fused.py), ``doran@reference``
+plain autograd, ``doran@weight`` / ``doran@output`` force how g is applied, ``doran@compile`` wraps the
+model in torch.compile; ratios are to our LoRA in the same mode. With ``--inference`` the base model and
+every merged variant are also timed forward-only (merged inference should cost what the base costs). Before timing, every variant's output at step 0 is checked against the
 un-adapted model (all presets start as the identity) and our DoRA-family layer against a materialised
 float64 reference. Reported: median wall step time over ``--steps`` steps after ``--warmup`` (with min and
 max), GPU-busy time per step (sum of CUDA kernel time from torch.profiler), peak allocated memory, and each
@@ -34,7 +38,7 @@ from torch import nn
 
 import doran
 
-OURS = ("lora", "dora", "doran")
+OURS = ("lora", "dora", "doran", "lora@reference", "dora@reference", "doran@reference")
 PEFT = ("peft-lora", "peft-dora")
 
 
@@ -84,7 +88,32 @@ WORKLOADS: dict[str, Callable[[str], dict[str, Any]]] = {"vit": vit_workload, "l
 
 
 # ------------------------------------------------------------------------------------------------ variants
+EXEC_MODES = ("fused", "reference", "weight", "output", "compile")
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """``"doran@reference"`` -> ("doran", "reference"); no suffix is our default, the fused path."""
+    name, _, mode = variant.partition("@")
+    mode = mode or "fused"
+    if mode not in EXEC_MODES:
+        raise SystemExit(f"unknown execution mode {mode!r} in {variant!r}; choose one of {EXEC_MODES}")
+    return name, mode
+
+
+def execution_for(variant: str):
+    """The doran execution settings a variant runs under (a context manager)."""
+    from doran.fused import execution
+
+    _, mode = split_variant(variant)
+    if mode == "reference":
+        return execution(path="reference")
+    if mode in ("weight", "output"):
+        return execution(path="fused", scale=mode)
+    return execution(path="fused", scale="auto")
+
+
 def build_variant(work: dict[str, Any], variant: str, device: str) -> nn.Module:
+    variant, mode = split_variant(variant)
     model = copy.deepcopy(work["model"])
     if variant == "base":
         for p in model.parameters():
@@ -104,7 +133,10 @@ def build_variant(work: dict[str, Any], variant: str, device: str) -> nn.Module:
     else:
         cfg = doran.AdapterConfig.preset(variant, r=work["r"], alpha=2 * work["r"], targets=work["targets"])
         doran.inject(model, cfg, trainable=work["head"])
-    return model.to(device)
+    model = model.to(device)
+    if mode == "compile":
+        model = torch.compile(model)
+    return model
 
 
 def check_identity(work: dict[str, Any], model: nn.Module, reference: torch.Tensor, device: str) -> float:
@@ -190,7 +222,25 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
     return result
 
 
-def run_workload(name: str, variants: list[str], device: str, steps: int, warmup: int) -> dict[str, Any]:
+def time_inference(work: dict[str, Any], model: nn.Module, device: str, steps: int, warmup: int) -> float:
+    """Median forward-only (no grad) time in ms."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    model.eval()
+    times = []
+    with torch.no_grad(), autocast(device):
+        for i in range(warmup + steps):
+            sync()
+            t0 = time.perf_counter()
+            work["out"](model)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    model.train()
+    return 1e3 * statistics.median(times)
+
+
+def run_workload(name: str, variants: list[str], device: str, steps: int, warmup: int,
+                 inference: bool = False) -> dict[str, Any]:
     work = WORKLOADS[name](device)
     work["model"] = work["model"].to(device)
     with torch.no_grad(), autocast(device):
@@ -198,10 +248,17 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
     rows = {}
     for variant in variants:
         model = build_variant(work, variant, device)
-        row: dict[str, Any] = {"identity_rel_err": check_identity(work, model, reference, device)}
-        if variant in doran.PRESETS:
-            row["layer_vs_float64_rel_err"] = check_layer_against_reference(model)
-        row.update(time_variant(work, model, device, steps, warmup))
+        with execution_for(variant):
+            row: dict[str, Any] = {"identity_rel_err": check_identity(work, model, reference, device)}
+            if split_variant(variant)[0] in doran.PRESETS:
+                row["layer_vs_float64_rel_err"] = check_layer_against_reference(model)
+            row.update(time_variant(work, model, device, steps, warmup))
+            if inference and variant == "base":
+                row["infer_ms"] = time_inference(work, model, device, steps, warmup)
+            elif inference and split_variant(variant) == (split_variant(variant)[0], "fused") and \
+                    split_variant(variant)[0] in doran.PRESETS:
+                doran.merge(model)
+                row["merged_infer_ms"] = time_inference(work, model, device, steps, warmup)
         rows[variant] = row
         print(f"  {name:6s} {variant:10s} {row['step_ms_median']:8.2f} ms  busy "
               f"{row.get('gpu_busy_ms', float('nan')):8.2f} ms  mem {row['peak_mem_mib'] or 0:8.0f} MiB  "
@@ -209,39 +266,118 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-    lora = rows.get("lora")
-    if lora:
-        for row in rows.values():
+    for variant, row in rows.items():  # ratios to our LoRA in the same execution mode
+        _, mode = split_variant(variant)
+        lora = rows.get("lora" if mode == "fused" else f"lora@{mode}") or rows.get("lora")
+        if lora:
             for key in ("step_ms_median", "gpu_busy_ms", "peak_mem_mib"):
                 if row.get(key) is not None and lora.get(key):
                     row[f"{key}_vs_lora"] = row[key] / lora[key]
+        peft_dora = rows.get("peft-dora")
+        if peft_dora:
+            for key in ("step_ms_median", "gpu_busy_ms", "peak_mem_mib"):
+                if row.get(key) is not None and peft_dora.get(key):
+                    row[f"{key}_vs_peft_dora"] = row[key] / peft_dora[key]
+        base = rows.get("base")
+        if base and base.get("infer_ms") and row.get("merged_infer_ms"):
+            row["merged_infer_vs_base"] = row["merged_infer_ms"] / base["infer_ms"]
+    return rows
+
+
+def gpu_busy_ms(fn: Callable[[], None], steps: int = 3) -> float:
+    """Sum of CUDA kernel time per call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA"
+             and e.device_time_total > 0 and not e.key.startswith("Memcpy"))
+    return us / 1e3 / steps
+
+
+LAYER_VARIANTS = ("lora", "doran@weight", "doran@output", "doran@reference", "peft-dora")
+
+
+def layer_sweep(device: str, widths: list[int], ranks: list[int], tokens: list[int]) -> list[dict[str, Any]]:
+    """Workload (c): one square bf16 Linear, forward + backward (input gradient too) + AdamW, GPU-busy time."""
+    from collections import OrderedDict
+
+    rows = []
+    for d in widths:
+        for r in ranks:
+            for n in tokens:
+                torch.manual_seed(0)
+                base = nn.Sequential(OrderedDict(proj=nn.Linear(d, d, bias=False))).to(device, torch.bfloat16)
+                x = torch.randn(n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+                gy = torch.randn(n, d, device=device, dtype=torch.bfloat16)
+                row: dict[str, Any] = {"width": d, "rank": r, "tokens": n}
+                for variant in LAYER_VARIANTS:
+                    work = {"model": base, "targets": ("proj",), "r": r, "head": (), "peft_targets": ["proj"]}
+                    model = build_variant(work, variant, device)
+                    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+                    def step(model=model, opt=opt, x=x, gy=gy) -> None:
+                        with autocast(device):
+                            out = model(x)
+                        out.backward(gy)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+
+                    with execution_for(variant):
+                        for _ in range(3):
+                            step()
+                        row[variant] = gpu_busy_ms(step)
+                    del model, opt
+                rows.append(row)
+                print("  layer " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in row.items()), flush=True)
     return rows
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| workload | variant | step ms (median) | min-max | x LoRA | GPU-busy ms | x LoRA | peak MiB | x LoRA |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | variant | step ms (median) | min-max | x LoRA | x PEFT DoRA | GPU-busy ms | x LoRA | "
+             "kernels/step | peak MiB | x LoRA | merged inference x base |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for workload, rows in results["workloads"].items():
         for variant, r in rows.items():
             def f(key, spec=".2f", r=r):
                 return "-" if r.get(key) is None else format(r[key], spec)
             lines.append(f"| {workload} | {variant} | {f('step_ms_median')} | {f('step_ms_min')}-{f('step_ms_max')} | "
-                         f"{f('step_ms_median_vs_lora')} | {f('gpu_busy_ms')} | {f('gpu_busy_ms_vs_lora')} | "
-                         f"{f('peak_mem_mib', '.0f')} | {f('peak_mem_mib_vs_lora', '.3f')} |")
+                         f"{f('step_ms_median_vs_lora')} | {f('step_ms_median_vs_peft_dora')} | {f('gpu_busy_ms')} | "
+                         f"{f('gpu_busy_ms_vs_lora')} | {f('kernels_per_step', '.0f')} | {f('peak_mem_mib', '.0f')} | "
+                         f"{f('peak_mem_mib_vs_lora', '.3f')} | {f('merged_infer_vs_base', '.3f')} |")
+    if results.get("layer_sweep"):
+        lines += ["", "| width | rank | tokens | " + " | ".join(f"{v} GPU ms" for v in LAYER_VARIANTS) + " |",
+                  "|---|---|---|" + "---|" * len(LAYER_VARIANTS)]
+        for row in results["layer_sweep"]:
+            lines.append(f"| {row['width']} | {row['rank']} | {row['tokens']} | "
+                         + " | ".join(f"{row[v]:.3f}" for v in LAYER_VARIANTS) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", nargs="+", default=["minilm"], choices=sorted(WORKLOADS))
+    parser.add_argument("--workload", nargs="*", default=None, choices=sorted(WORKLOADS),
+                        help="default: minilm (none with --layer-sweep alone)")
     parser.add_argument("--variants", nargs="+", default=["base", *OURS, *PEFT])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--inference", action="store_true",
+                        help="also time forward-only inference of the base and of each merged variant")
+    parser.add_argument("--layer-sweep", action="store_true", help="run workload (c), the single-layer sweep")
+    parser.add_argument("--widths", nargs="+", type=int, default=[768, 2048, 4096, 8192])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[8, 64, 256])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.workload is None:
+        args.workload = [] if args.layer_sweep else ["minilm"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from doran.results import device_info, environment
 
@@ -249,7 +385,17 @@ def main(argv: list[str] | None = None) -> int:
                "env": environment(), "args": vars(args), "workloads": {}}
     for name in args.workload:
         print(f"[bench] {name} on {device}", flush=True)
-        results["workloads"][name] = run_workload(name, args.variants, device, args.steps, args.warmup)
+        results["workloads"][name] = run_workload(name, args.variants, device, args.steps, args.warmup,
+                                                  args.inference)
+        if args.out:  # a partial file after each workload: a killed run keeps what it measured
+            from doran.results import atomic_write_json
+
+            atomic_write_json(args.out, {**results, "table": table(results)})
+    if args.layer_sweep:
+        if device != "cuda":
+            raise SystemExit("--layer-sweep measures GPU-busy time and needs a CUDA device")
+        print("[bench] single-layer sweep", flush=True)
+        results["layer_sweep"] = layer_sweep(device, args.widths, args.ranks, args.tokens)
     md = table(results)
     print(md)
     if args.out:

@@ -8,6 +8,7 @@ Example::
     doran.print_trainable_parameters(model)
 """
 
+from .fused import execution, set_execution
 from .config import PRESET_FORMS, PRESETS, AdapterConfig, ConfigError, DoranError
 from .inject import (
     InjectError,
@@ -45,6 +46,7 @@ __all__ = [
     "SliceAdapter",
     "adapted_modules",
     "eject",
+    "execution",
     "factored_row_norm",
     "get_config",
     "inject",
@@ -58,6 +60,7 @@ __all__ = [
     "print_trainable_parameters",
     "read_adapter",
     "save_adapter",
+    "set_execution",
     "slice_adapters",
     "tau_values",
     "trainable_parameter_counts",

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .config import AdapterConfig
 from .generators import FactorGenerator
 
@@ -287,6 +288,14 @@ class SliceAdapter(nn.Module):
                 norm = norm.detach()
             return self.magnitude.to(ct) / (norm + self.tau_absolute(row_scale).to(ct))
 
+    def scale_vector(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """The same g as :meth:`norm_scale`, as one autograd node with a closed-form backward (fused path)."""
+        w0_sq, row_scale = self._weight_stats(weight)
+        ct = torch.float64 if A.dtype == torch.float64 else torch.float32
+        t = None if self.cfg.tau_mode == "zero" else self.tau_absolute(row_scale).to(ct)
+        return fused.row_scale(A.to(ct), B.to(ct), self.magnitude.to(ct), t, weight[self.rows], w0_sq.to(ct),
+                               self.s, self.cfg.detach_norm)
+
     # ------------------------------------------------------------------ forward / merge
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
@@ -359,14 +368,21 @@ class AdaptedLinear(nn.Linear):
         return self._base_module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if self.merged:
+            y = F.linear(x, self.weight, self.bias)
             if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.doran.parameters()):
                 raise RuntimeError(
                     "this layer is merged, so its adapter receives no gradient; call doran.unmerge(model) "
                     "before training"
                 )
             return y
+        if fused.fused_enabled() and fused.fusable(self):
+            return fused.fused_forward(self, x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every slice through plain autograd (any method); :mod:`doran.fused` computes the same faster."""
+        y = F.linear(x, self.weight, self.bias)
         adapters = sorted(self.doran.values(), key=lambda a: a.start)
         if len(adapters) == 1 and adapters[0].start == 0 and adapters[0].stop == self.out_features:
             return adapters[0](x, y, self.weight, self.bias)

@@ -1,0 +1,310 @@
+"""The fused execution path (doran/fused.py) against the reference path and against gradcheck."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import doran
+from doran import fused
+
+torch.set_default_dtype(torch.float32)
+
+
+class QKV(nn.Module):
+    """A timm-style fused q|k|v projection followed by a mixing layer."""
+
+    def __init__(self, d: int = 12, bias: bool = True) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d, bias=bias)
+        self.proj = nn.Linear(3 * d, 5)
+
+    def forward(self, x):
+        return self.proj(self.qkv(x))
+
+
+class QV(nn.Module):
+    def __init__(self, d: int = 16, bias: bool = False) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.o = nn.Linear(2 * d, 3)
+
+    def forward(self, x):
+        return self.o(torch.cat([self.q_proj(x), self.v_proj(x)], -1))
+
+
+def _perturb(model: nn.Module, seed: int = 0) -> None:
+    """Move every adapter tensor off its identity init so all terms of the maths are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p, _ in doran.named_adapter_parameters(model):
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) * (p.abs().mean() + 0.1))
+
+
+def _outputs_and_grads(model: nn.Module, x: torch.Tensor, path: str, scale: str = "auto"):
+    model.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_(True)
+    with fused.execution(path=path, scale=scale):
+        out = model(xx)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.detach(), xx.grad.clone(), grads
+
+
+CASES = [
+    ("lora", {}),
+    ("dora", {}),
+    ("dora", {"detach_norm": False}),
+    ("doran", {}),
+    ("doran", {"tau_granularity": "row"}),
+    ("doran", {"detach_norm": True}),
+    ("doran", {"tau_mode": "fixed", "tau_init": 0.05}),
+    ("doran", {"factors": "static"}),
+    ("replora", {}),
+    ("hora", {}),
+]
+
+
+@pytest.mark.parametrize("scale", ["weight", "output"])
+@pytest.mark.parametrize("arch", ["qkv", "qv"])
+@pytest.mark.parametrize("preset,extra", CASES)
+def test_fused_path_equals_reference_in_float64(preset, extra, arch, scale):
+    torch.manual_seed(0)
+    if arch == "qkv":
+        base, targets, x = QKV(), ("qkv",), torch.randn(2, 7, 12, dtype=torch.float64)
+    else:
+        base, targets, x = QV(), ("q_proj", "v_proj"), torch.randn(2, 7, 16, dtype=torch.float64)
+    heads = {"heads": 2} if preset == "hora" else {}
+    cfg = doran.AdapterConfig.preset(preset, r=3, alpha=6, targets=targets, **heads, **extra)
+    model = base.double()
+    doran.inject(model, cfg)
+    _perturb(model)
+    assert all(fused.fusable(m) for _, m in doran.adapted_modules(model))
+    ref = _outputs_and_grads(model, x, "reference")
+    got = _outputs_and_grads(model, x, "fused", scale)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)
+    assert got[2].keys() == ref[2].keys() and len(ref[2]) > 0
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fused_path_keeps_the_k_rows_of_qkv_bit_exact():
+    torch.manual_seed(0)
+    model = QKV()
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=4, targets=("qkv",)))
+    _perturb(model)
+    x = torch.randn(3, 5, 12)
+    layer = model.qkv
+    with fused.execution(path="fused"):
+        out = layer(x)
+    base = nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.equal(out[..., 12:24], base[..., 12:24])
+    assert not torch.allclose(out[..., :12], base[..., :12])
+
+
+def test_dropout_on_the_fused_path_is_each_slice_its_own_mask():
+    torch.manual_seed(0)
+    model = QKV()
+    cfg = doran.AdapterConfig.preset("lora", r=4, targets=("qkv",), dropout=0.5)
+    doran.inject(model, cfg)
+    _perturb(model)
+    x = torch.randn(4, 12)
+    model.train()
+    torch.manual_seed(3)
+    got = model.qkv(x)
+    layer = model.qkv
+    torch.manual_seed(3)  # the same masks, drawn in slice order
+    expect = layer.reference_forward(x)
+    torch.testing.assert_close(got, expect)
+    model.eval()
+    with fused.execution(path="reference"):
+        ref_eval = model.qkv(x)
+    torch.testing.assert_close(model.qkv(x), ref_eval)
+
+
+def test_pre_diag_and_sora_run_on_the_reference_path():
+    model = QV()
+    doran.inject(model, doran.AdapterConfig.preset("sora", r=2, targets=("q_proj", "v_proj")))
+    assert not any(fused.fusable(m) for _, m in doran.adapted_modules(model))
+    model2 = QV()
+    doran.inject(model2, doran.AdapterConfig.preset("prediag", r=2, targets=("q_proj", "v_proj")))
+    assert not any(fused.fusable(m) for _, m in doran.adapted_modules(model2))
+
+
+def test_unfrozen_base_weight_falls_back_to_autograd():
+    model = QV()
+    doran.inject(model, doran.AdapterConfig.preset("dora", r=2, targets=("q_proj",)))
+    model.q_proj.weight.requires_grad_(True)
+    assert not fused.fusable(model.q_proj)
+    model(torch.randn(3, 16)).sum().backward()
+    assert model.q_proj.weight.grad is not None
+
+
+def test_row_scale_gradcheck():
+    torch.manual_seed(0)
+    H, d, r, n = 2, 4, 3, 6
+    A = torch.randn(H, r, n, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(H, d, r, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(H * d, n, dtype=torch.float64)
+    m = (torch.rand(H * d, dtype=torch.float64) + 0.5).requires_grad_(True)
+    w0_sq = (W * W).sum(1)
+    for t in (None, torch.tensor([0.3], dtype=torch.float64, requires_grad=True),
+              (torch.rand(H * d, dtype=torch.float64) + 0.1).requires_grad_(True)):
+        args = (A, B, m) if t is None else (A, B, m, t)
+
+        def f(*a, t=t):
+            return fused.row_scale(a[0], a[1], a[2], a[3] if t is not None else None, W, w0_sq, 0.7, False)
+
+        assert torch.autograd.gradcheck(f, args)
+
+        def f_detached(mm, *tt, t=t):  # the norm is a constant: only m and tau get gradients
+            return fused.row_scale(A.detach(), B.detach(), mm, tt[0] if tt else None, W, w0_sq, 0.7, True)
+
+        assert torch.autograd.gradcheck(f_detached, (m,) if t is None else (m, t))
+    # one head: the (r, in), (out, r) form
+    A1 = torch.randn(r, n, dtype=torch.float64, requires_grad=True)
+    B1 = torch.randn(d, r, dtype=torch.float64, requires_grad=True)
+    W1 = W[:d]
+    assert torch.autograd.gradcheck(
+        lambda a, b, mm: fused.row_scale(a, b, mm, None, W1, (W1 * W1).sum(1), 1.3, False), (A1, B1, m[:d]))
+
+
+def test_row_scale_matches_the_materialised_norm():
+    torch.manual_seed(1)
+    A = torch.randn(5, 40, dtype=torch.float64)
+    B = torch.randn(30, 5, dtype=torch.float64)
+    W = torch.randn(30, 40, dtype=torch.float64)
+    m = torch.rand(30, dtype=torch.float64)
+    t = torch.tensor([0.2], dtype=torch.float64)
+    g = fused.row_scale(A, B, m, t, W, (W * W).sum(1), 0.5, False)
+    expect = m / (torch.linalg.vector_norm(W + 0.5 * B @ A, dim=1) + 0.2)
+    torch.testing.assert_close(g, expect, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["none", "weight", "output"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_gradcheck(mode, bias):
+    torch.manual_seed(0)
+    N, n, out, R = 5, 4, 9, 4
+    x = torch.randn(N, n, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(out, n, dtype=torch.float64)
+    b = torch.randn(out, dtype=torch.float64, requires_grad=True) if bias else None
+    h = torch.randn(N, R, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(out, R, dtype=torch.float64, requires_grad=True)
+    ranges = ((0, 3), (6, 9))
+    g = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_(True) if mode != "none" else None
+    inputs = [x, h, B] + ([g] if g is not None else []) + ([b] if b is not None else [])
+
+    def f(x, h, B, *rest):
+        gg = rest[0] if g is not None else None
+        bb = rest[-1] if b is not None else None
+        return fused._FusedLinear.apply(x, W, bb, h, B, gg, ranges, 0.8, mode)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs))
+
+
+def test_zero_magnitude_row_gets_zero_magnitude_gradient():
+    """The one documented difference: with g_i = 0 exactly the output holds no z, dL/dg_i is reported as 0."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    W = torch.randn(2, 3, dtype=torch.float64)
+    h = torch.randn(4, 1, dtype=torch.float64)
+    B = torch.randn(2, 1, dtype=torch.float64)
+    g = torch.tensor([0.0, 1.5], dtype=torch.float64, requires_grad=True)
+    out = fused._FusedLinear.apply(x, W, None, h, B, g, ((0, 2),), 1.0, "output")
+    out.sum().backward()
+    z = x @ W.t() + h @ B.t()
+    torch.testing.assert_close(g.grad, torch.tensor([0.0, z[:, 1].sum().item()], dtype=torch.float64))
+
+
+def test_weight_products_in_blocks_equal_the_plain_product():
+    torch.manual_seed(0)
+    W = torch.randn(37, 11).to(torch.bfloat16)
+    X = torch.randn(11, 3)
+    torch.testing.assert_close(fused.weight_times(W, X, chunk_elements=40), W.float() @ X)
+    Y = torch.randn(3, 37)
+    torch.testing.assert_close(fused.times_weight(Y, W, chunk_elements=40), Y @ W.float())
+
+
+def test_split3_is_exact_to_float32():
+    X = torch.randn(1000) * torch.logspace(-6, 6, 1000)
+    hi, mid, lo = fused._split3(X)
+    back = hi.float() + mid.float() + lo.float()
+    assert ((back - X).abs() <= X.abs() * 2.0**-23).all()
+
+
+def test_execution_settings_are_checked_and_restored():
+    with pytest.raises(ValueError, match="unknown execution path"):
+        fused.set_execution(path="fast")
+    with pytest.raises(ValueError, match="unknown scale mode"):
+        fused.set_execution(scale="rows")
+    before = dict(fused._SETTINGS)
+    with fused.execution(path="reference", scale="weight"):
+        assert fused._SETTINGS == {"path": "reference", "scale": "weight"}
+    assert before == fused._SETTINGS
+
+
+def test_fused_training_matches_reference_over_steps():
+    """A few AdamW steps on each path end at the same adapter (float64)."""
+    torch.manual_seed(0)
+    base = QKV().double()
+    doran.inject(base, doran.AdapterConfig.preset("doran", r=2, targets=("qkv",)))
+    models = {p: copy.deepcopy(base) for p in ("fused", "reference")}
+    x = torch.randn(6, 12, dtype=torch.float64)
+    for path, model in models.items():
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(5):
+            with fused.execution(path=path):
+                loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    a = {n: p for n, p, _ in doran.named_adapter_parameters(models["fused"])}
+    b = {n: p for n, p, _ in doran.named_adapter_parameters(models["reference"])}
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_weight_products_on_cuda_match_float64():
+    torch.manual_seed(0)
+    W = torch.randn(512, 384, device="cuda").to(torch.bfloat16)
+    X = torch.randn(384, 16, device="cuda")
+    Y = torch.randn(16, 512, device="cuda")
+    exact = W.double() @ X.double()
+    got = fused.weight_times(W, X)
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6
+    exact2 = Y.double() @ W.double()
+    got2 = fused.times_weight(Y, W)
+    assert ((got2.double() - exact2).abs().max() / exact2.abs().max()).item() < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["lora", "dora", "doran"])
+def test_fused_path_on_cuda_bf16_autocast_matches_reference(preset):
+    torch.manual_seed(0)
+    model = QKV(d=64).cuda()
+    doran.inject(model, doran.AdapterConfig.preset(preset, r=8, targets=("qkv",)))
+    _perturb(model)
+    x = torch.randn(8, 33, 64, device="cuda")
+    res = {}
+    for path in ("reference", "fused"):
+        for scale in ("weight", "output"):
+            model.zero_grad(set_to_none=True)
+            with fused.execution(path=path, scale=scale), torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().pow(2).mean().backward()
+            res[path, scale] = (out.float(), {n: p.grad.float() for n, p in model.named_parameters()
+                                              if p.grad is not None})
+    ref_out, ref_grads = res["reference", "weight"]
+    for key, (out, grads) in res.items():
+        assert ((out - ref_out).norm() / ref_out.norm()).item() < 2e-2, key
+        for name, grad in ref_grads.items():
+            rel = ((grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)).item()
+            assert rel < 5e-2, (key, name, rel)
