@@ -58,6 +58,7 @@ tune:  ## an Optuna study per method, same trial budget; writes experiments/conf
 figures:  ## every figure in figures/ from the saved results (trains nothing)
 	$(PY) -m experiments.collect --profile $(PROFILE)
 	$(PY) -m experiments.plots --profile $(PROFILE)
+	$(PY) -m benchmarks.plot
 
 results-table:  ## the README's results table from the saved results (trains nothing)
 	$(PY) -m experiments.collect --profile $(PROFILE) $(README_TABLE)

@@ -13,8 +13,9 @@ Workloads (base frozen; forward, backward and AdamW step on the adapter; bf16 au
 
 Variants run in one process: no adapter, our presets (lora, dora, doran, ...), PEFT's LoRA and PEFT's DoRA.
 A suffix picks our execution mode: ``doran`` is the default fused path (doran/fused.py), ``doran@reference``
-plain autograd, ``doran@weight`` / ``doran@output`` force how g is applied, ``doran@compile`` wraps the
-model in torch.compile; ratios are to our LoRA in the same mode. With ``--inference`` the base model and
+plain autograd, ``doran@nobank`` the fused path without the adapter bank (doran/bank.py), ``doran@weight``
+/ ``doran@output`` force how g is applied, ``doran@compile`` wraps the model in torch.compile and
+``doran@compile-ro`` in torch.compile(mode="reduce-overhead") (CUDA graphs); ratios are to our LoRA in the same mode. With ``--inference`` the base model and
 every merged variant are also timed forward-only (merged inference should cost what the base costs). Before timing, every variant's output at step 0 is checked against the
 un-adapted model (all presets start as the identity) and our DoRA-family layer against a materialised
 float64 reference. Reported: median wall step time over ``--steps`` steps after ``--warmup`` (with min and
@@ -88,7 +89,7 @@ WORKLOADS: dict[str, Callable[[str], dict[str, Any]]] = {"vit": vit_workload, "l
 
 
 # ------------------------------------------------------------------------------------------------ variants
-EXEC_MODES = ("fused", "reference", "weight", "output", "compile")
+EXEC_MODES = ("fused", "nobank", "reference", "weight", "output", "compile", "compile-ro")
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -107,9 +108,11 @@ def execution_for(variant: str):
     _, mode = split_variant(variant)
     if mode == "reference":
         return execution(path="reference")
+    if mode == "nobank":
+        return execution(path="fused", scale="auto", bank=False)
     if mode in ("weight", "output"):
         return execution(path="fused", scale=mode)
-    return execution(path="fused", scale="auto")
+    return execution(path="fused", scale="auto", bank=True)
 
 
 def build_variant(work: dict[str, Any], variant: str, device: str) -> nn.Module:
@@ -136,6 +139,8 @@ def build_variant(work: dict[str, Any], variant: str, device: str) -> nn.Module:
     model = model.to(device)
     if mode == "compile":
         model = torch.compile(model)
+    elif mode == "compile-ro":  # CUDA graphs of the compiled forward and backward
+        model = torch.compile(model, mode="reduce-overhead")
     return model
 
 
@@ -181,9 +186,13 @@ def autocast(device: str):
 def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int, warmup: int,
                  profile_steps: int = 5) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step() -> None:
+        if opt is None:  # nothing trainable (the base LLaMA): forward only
+            with torch.no_grad(), autocast(device):
+                work["step"](model)
+            return
         with autocast(device):
             loss = work["step"](model)
         loss.backward()
@@ -191,6 +200,14 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
         opt.zero_grad(set_to_none=True)
 
     model.train()
+    grad_norm = None
+    if opt is not None:  # the adapter gradient of the first step: equal across execution modes of one method
+        with autocast(device):
+            loss = work["step"](model)
+        loss.backward()
+        grads = [p.grad.float().norm() for p in params if p.grad is not None]
+        grad_norm = torch.stack(grads).norm().item() if grads else 0.0
+        opt.zero_grad(set_to_none=True)
     for _ in range(warmup):
         step()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -206,7 +223,7 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
     result = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
               "step_ms_max": 1e3 * max(times), "steps": steps,
               "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
-              "trainable": sum(p.numel() for p in params)}
+              "trainable": sum(p.numel() for p in params), "first_grad_norm": grad_norm}
     if device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -216,6 +233,10 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
             sync()
         kernel_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA"
                         and e.device_time_total > 0 and not e.key.startswith("Memcpy"))
+        top = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0),
+                     key=lambda e: -e.device_time_total)[:12]
+        result["top_kernels"] = [{"name": e.key[:90], "ms_per_step": e.device_time_total / 1e3 / profile_steps,
+                                  "calls_per_step": e.count / profile_steps} for e in top]
         n_kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
         result["gpu_busy_ms"] = kernel_us / 1e3 / profile_steps
         result["kernels_per_step"] = n_kernels / profile_steps
@@ -239,6 +260,9 @@ def time_inference(work: dict[str, Any], model: nn.Module, device: str, steps: i
     return 1e3 * statistics.median(times)
 
 
+INFER_STEPS = 50
+
+
 def run_workload(name: str, variants: list[str], device: str, steps: int, warmup: int,
                  inference: bool = False) -> dict[str, Any]:
     work = WORKLOADS[name](device)
@@ -254,15 +278,15 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
                 row["layer_vs_float64_rel_err"] = check_layer_against_reference(model)
             row.update(time_variant(work, model, device, steps, warmup))
             if inference and variant == "base":
-                row["infer_ms"] = time_inference(work, model, device, steps, warmup)
+                row["infer_ms"] = time_inference(work, model, device, INFER_STEPS, warmup)
             elif inference and split_variant(variant) == (split_variant(variant)[0], "fused") and \
                     split_variant(variant)[0] in doran.PRESETS:
                 doran.merge(model)
-                row["merged_infer_ms"] = time_inference(work, model, device, steps, warmup)
+                row["merged_infer_ms"] = time_inference(work, model, device, INFER_STEPS, warmup)
         rows[variant] = row
         print(f"  {name:6s} {variant:10s} {row['step_ms_median']:8.2f} ms  busy "
               f"{row.get('gpu_busy_ms', float('nan')):8.2f} ms  mem {row['peak_mem_mib'] or 0:8.0f} MiB  "
-              f"identity {row['identity_rel_err']:.1e}", flush=True)
+              f"identity {row['identity_rel_err']:.1e}  grad {row.get('first_grad_norm') or 0:.4e}", flush=True)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -38,22 +38,27 @@ precision. Elsewhere (CPU, float16, float64) W0 is upcast in 16 MiB row blocks a
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from . import bank as _bank  # circular (bank uses this module at call time only)
+
 _TINY = 1e-30
-_SETTINGS = {"path": "fused", "scale": "auto"}
+_SETTINGS: dict[str, Any] = {"path": "fused", "scale": "auto", "bank": True}
 _PATHS = ("fused", "reference")
 _SCALES = ("auto", "weight", "output")
 
 
-def set_execution(path: str | None = None, scale: str | None = None) -> dict[str, str]:
+def set_execution(path: str | None = None, scale: str | None = None, bank: bool | None = None) -> dict[str, Any]:
     """Choose how adapted layers run; returns the previous settings.
 
     ``path``: ``"fused"`` (default; LoRA and the DoRA family, without Pre-Diag's diagonal or SORA's
     rotation) or ``"reference"`` (plain autograd, every method). ``scale``: how g is applied on the fused
-    path, ``"auto"`` (by shape), ``"weight"`` or ``"output"``. Both paths compute the same function.
+    path, ``"auto"`` (by shape), ``"weight"`` or ``"output"``. ``bank``: compute the factors and row scales
+    of all slices of a model batched, once per forward (doran/bank.py; default True). All settings compute
+    the same function.
     """
     previous = dict(_SETTINGS)
     if path is not None:
@@ -64,17 +69,23 @@ def set_execution(path: str | None = None, scale: str | None = None) -> dict[str
         if scale not in _SCALES:
             raise ValueError(f"unknown scale mode {scale!r}; choose one of {_SCALES}")
         _SETTINGS["scale"] = scale
+    if bank is not None:
+        _SETTINGS["bank"] = bool(bank)
     return previous
 
 
 @contextmanager
-def execution(path: str | None = None, scale: str | None = None):
+def execution(path: str | None = None, scale: str | None = None, bank: bool | None = None):
     """Context manager form of :func:`set_execution`."""
-    previous = set_execution(path, scale)
+    previous = set_execution(path, scale, bank)
     try:
         yield
     finally:
         set_execution(**previous)
+
+
+def bank_enabled() -> bool:
+    return _SETTINGS["path"] == "fused" and _SETTINGS["bank"]
 
 
 def fused_enabled() -> bool:
@@ -86,19 +97,8 @@ def _no_autocast(device_type: str):
 
 
 # ------------------------------------------------------------------------------ products with a frozen W0
-_MIXED_MM: dict[str, bool] = {}
-
-
-def _mixed_mm_available(device: torch.device) -> bool:
-    """Whether ``torch.mm(bf16, bf16, out_dtype=float32)`` runs on this device (CUDA, recent torch)."""
-    key = str(device)
-    if key not in _MIXED_MM:
-        try:
-            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-            _MIXED_MM[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MIXED_MM[key] = False
-    return _MIXED_MM[key]
+# torch.mm(bf16, bf16, out_dtype=float32): CUDA kernels of recent torch (tests/test_fused.py checks it on a GPU)
+_MIXED_MM = hasattr(torch.ops.aten.mm, "dtype")
 
 
 def _split3(X: torch.Tensor) -> list[torch.Tensor]:
@@ -111,8 +111,7 @@ def _split3(X: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _use_split(W: torch.Tensor, X: torch.Tensor) -> bool:
-    return (W.dtype == torch.bfloat16 and X.dtype == torch.float32 and W.is_cuda
-            and _mixed_mm_available(W.device))
+    return _MIXED_MM and W.dtype == torch.bfloat16 and X.dtype == torch.float32 and W.is_cuda
 
 
 def weight_times(W: torch.Tensor, X: torch.Tensor, chunk_elements: int = 1 << 22) -> torch.Tensor:
@@ -146,60 +145,83 @@ def times_weight(Y: torch.Tensor, W: torch.Tensor, chunk_elements: int = 1 << 22
 
 
 # ------------------------------------------------------------------------------ g = m / (||V||_row + tau)
+def _needs(ctx, k: int) -> tuple[bool, ...]:
+    """Which of the first k inputs want a gradient; all of them while torch.compile traces the backward
+    (some torch versions trace it with every flag False; the compiler drops unused gradients itself)."""
+    if torch.compiler.is_compiling():
+        return (True,) * k
+    return tuple(ctx.needs_input_grad[:k])
+
+
 class _RowScale(torch.autograd.Function):
-    """g (out,) from A (H, r, in), B (H, d, r), m (out,), t (1,)/(out,)/None and the frozen rows W (out, in).
+    """g from A (S, r, in), B (S, d, r), m and w0_sq (S, d) or (S*d,), t (broadcastable to m) or None and the
+    frozen rows: one W (S*d, in) whose row block s belongs to A_s, B_s (heads), or one W_s (d, in) per s.
 
     q = ||W0||^2 + 2 s <B, W0 A^T>_row + s^2 <B A A^T, B>_row, n = sqrt(max(q, 0)), g = m / (n + t).
     Backward (D = diag(dq)): dB = D (2 s W0 A^T + 2 s^2 B A A^T), dA = 2 s (D B)^T W0 + 2 s^2 B^T D B A
-    (per head), dq = dn / (2 n) (0 where n = 0, as safe_sqrt), dn = dt = -dg g / (n + t), dm = dg / (n + t).
+    (per s), dq = dn / (2 n) (0 where n = 0, as safe_sqrt), dn = dt = -dg g / (n + t), dm = dg / (n + t).
     """
 
     @staticmethod
-    def forward(ctx, A, B, m, t, W, w0_sq, s: float, detach: bool):
+    def forward(ctx, A, B, m, t, w0_sq, s: float, detach: bool, *Ws):
         with _no_autocast(A.device.type):
-            H, r, in_f = A.shape
+            S, r, in_f = A.shape
             d = B.shape[1]
-            P = weight_times(W, A.reshape(H * r, in_f).t())  # (out, H r)
-            WAt = P.view(1, d, r) if H == 1 else P.view(H, d, H, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-            BAAt = B @ (A @ A.transpose(1, 2))  # (H, d, r)
-            q = w0_sq + (2.0 * s) * (B * WAt).sum(-1).flatten() + (s * s) * (BAAt * B).sum(-1).flatten()
-            n = torch.where(q > 0, q.clamp_min(_TINY).sqrt(), torch.zeros_like(q))
+            if len(Ws) == 1 and S > 1:  # row blocks of one W: a single product, then the diagonal blocks
+                P = weight_times(Ws[0], A.reshape(S * r, in_f).t())  # (S d, S r)
+                WAt = P.view(S, d, S, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            else:
+                WAt = torch.stack([weight_times(W, A[i].t()) for i, W in enumerate(Ws)])  # (S, d, r)
+            BAAt = B @ (A @ A.transpose(1, 2))  # (S, d, r)
+            q = torch.add(w0_sq.reshape(S, d), (B * torch.add(WAt, BAAt, alpha=s / 2)).sum(-1), alpha=2.0 * s)
+            n = q.clamp_min(0).sqrt().reshape(m.shape)
             den = n if t is None else n + t
             g = m / den
-        ctx.s, ctx.detach, ctx.t_shape = s, detach, None if t is None else t.shape
-        ctx.save_for_backward(A, B, W, WAt, BAAt, n, den, g)
+        ctx.s, ctx.detach, ctx.n_w = s, detach, len(Ws)
+        ctx.t_shape = None if t is None else t.shape
+        ctx.save_for_backward(A, B, WAt, BAAt, n, den, g, *Ws)
         return g
 
     @staticmethod
     def backward(ctx, dg):
-        A, B, W, WAt, BAAt, n, den, g = ctx.saved_tensors
+        A, B, WAt, BAAt, n, den, g, *Ws = ctx.saved_tensors
         s = ctx.s
         with _no_autocast(A.device.type):
             dm = dg / den
             dden = -dg * g / den
+            need = _needs(ctx, 4)
             dt = None
-            if ctx.t_shape is not None and ctx.needs_input_grad[3]:
-                dt = dden if ctx.t_shape == dden.shape else dden.sum().reshape(ctx.t_shape)
+            if ctx.t_shape is not None and need[3]:
+                dt = dden.sum_to_size(ctx.t_shape)
             dA = dB = None
-            if not ctx.detach and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-                H, r, in_f = A.shape
+            if not ctx.detach and (need[0] or need[1]):
+                S, r, in_f = A.shape
                 d = B.shape[1]
                 dq = torch.where(n > 0, dden / (2.0 * n.clamp_min(_TINY)), torch.zeros_like(n))
-                Dq = dq.view(H, d, 1)
-                dB = Dq * ((2.0 * s) * WAt + (2.0 * s * s) * BAAt)
-                DB = Dq * B  # (H, d, r)
-                M = DB.reshape(H * d, r) if H == 1 else torch.block_diag(*DB.unbind(0))  # (out, H r)
-                dA = (2.0 * s) * times_weight(M.t(), W).view(H, r, in_f)
-                dA = dA + (2.0 * s * s) * (DB.transpose(1, 2) @ B) @ A
-        return dA, dB, dm, dt, None, None, None, None
+                Dq = dq.reshape(S, d, 1)
+                dB = (2.0 * s) * Dq * torch.add(WAt, BAAt, alpha=s)
+                DB = Dq * B  # (S, d, r)
+                if len(Ws) == 1 and S > 1:
+                    M = torch.block_diag(*DB.unbind(0))  # (S d, S r)
+                    cross = times_weight(M.t(), Ws[0]).view(S, r, in_f)
+                else:
+                    cross = torch.stack([times_weight(DB[i].t(), W) for i, W in enumerate(Ws)])
+                dA = torch.add(cross, (DB.transpose(1, 2) @ B) @ A, alpha=s) * (2.0 * s)
+        return (dA, dB, dm, dt, None, None, None) + (None,) * ctx.n_w
 
 
 def row_scale(A, B, m, t, W, w0_sq, s: float, detach: bool) -> torch.Tensor:
-    """g = m / (||W0 + s B A||_row + t), exact, one autograd node. A (r, in) or (H, r, in); B (out, r) or
-    (H, d, r); W the frozen rows (out, in) in any dtype; m, w0_sq (out,); t (1,), (out,) or None."""
+    """g = m / (||W0 + s B A||_row + t), exact, one autograd node. A (r, in) or per head (H, r, in); B (out, r)
+    or (H, d, r); W the frozen rows (out, in) in any dtype; m, w0_sq (out,); t (1,), (out,) or None."""
     if A.ndim == 2:
         A, B = A.unsqueeze(0), B.unsqueeze(0)
-    return _RowScale.apply(A, B, m, t, W.detach(), w0_sq, float(s), bool(detach))
+    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), W.detach())
+
+
+def row_scales(A, B, m, t, Ws, w0_sq, s: float, detach: bool) -> torch.Tensor:
+    """g (S, out) of S slices at once: A (S, r, in), B (S, out, r), m, w0_sq (S, out), t (S, 1) / (S, out) /
+    None, Ws the S frozen row blocks (out, in) (the adapter bank, doran/bank.py)."""
+    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), *(W.detach() for W in Ws))
 
 
 # ------------------------------------------------------------------------------ the fused layer
@@ -244,7 +266,7 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         W, b, h, Bs, g, gcat, out = ctx.saved_tensors
-        need_x, _, need_b, need_h, need_B, need_g = ctx.needs_input_grad[:6]
+        need_x, _, need_b, need_h, need_B, need_g = _needs(ctx, 6)
         dx = db = dh = dB = dg = None
         with _no_autocast(dy.device.type):
             dy = dy.contiguous()
@@ -312,7 +334,8 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     W = layer.weight.to(cd)
     b = None if layer.bias is None else layer.bias.to(cd)
 
-    factors = [ad.factors() for ad in ads]
+    banked = [_bank.banked(ad) for ad in ads]  # (A, B, g) from the model's bank (doran/bank.py), or None
+    factors = [ad.factors() if bk is None else bk[:2] for ad, bk in zip(ads, banked)]
     A_cat = torch.cat([A.reshape(-1, in_f) for A, _ in factors]) if len(ads) > 1 else factors[0][0].reshape(-1, in_f)
     dropping = layer.training and ads[0].cfg.dropout > 0
     if dropping:  # each slice its own mask, as on the reference path
@@ -336,7 +359,8 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
     gcat, mode = None, "none"
     if ads[0].cfg.magnitude:
-        gs = [ad.scale_vector(layer.weight, A, B) for ad, (A, B) in zip(ads, factors)]
+        gs = [ad.scale_vector(layer.weight, A, B) if bk is None or bk[2] is None else bk[2]
+              for ad, (A, B), bk in zip(ads, factors, banked)]
         gcat = torch.cat(gs) if len(gs) > 1 else gs[0]
         mode = _scale_mode(x2.shape[0], in_f)
     ranges = tuple((ad.start, ad.stop) for ad in ads)

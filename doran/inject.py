@@ -29,6 +29,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from . import bank
 from .config import AdapterConfig, DoranError
 from .generators import FactorGenerator, FirstLayer, SecondLayer, init_second_A
 from .layers import AdaptedLinear, SliceAdapter, param_dtype
@@ -302,6 +303,7 @@ def inject(model: nn.Module, cfg: AdapterConfig, trainable: tuple[str, ...] = ()
     for name in extra:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
+    bank.attach(model)
     setattr(model, STATE_ATTR, {
         "config": cfg,
         "trainable": trainable,
@@ -485,6 +487,7 @@ def eject(model: nn.Module) -> nn.Module:
     for name, module in list(adapted_modules(model)):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_module)
+    bank.detach(model)
     delattr(model, STATE_ATTR)
     return model
 
@@ -509,5 +512,6 @@ def merged_copy(model: nn.Module) -> nn.Module:
         linear.train(module.training)
         parent_name, _, child = name.rpartition(".")
         setattr(plain.get_submodule(parent_name) if parent_name else plain, child, linear)
+    bank.detach(plain)
     delattr(plain, STATE_ATTR)
     return plain

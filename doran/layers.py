@@ -195,10 +195,14 @@ class SliceAdapter(nn.Module):
             self.generator = generator
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
+        self._banked: tuple | None = None  # (A, B, g, bank) of the current forward, set by the model's bank
+        self._banked_used = False
         self._cache_key: tuple | None = None
         self._w0_sq = self._row_scale = None
         if cfg.magnitude:
             w0_sq, row_scale = self._weight_stats(weight)
+            if device is None:  # adapters are built on the CPU whatever device the base weight is on
+                w0_sq, row_scale = w0_sq.cpu(), row_scale.cpu()
             if cfg.tau_mode == "learned":
                 shape = (out_f,) if cfg.tau_granularity == "row" else (1,)
                 self.tau_rho = nn.Parameter(torch.full(shape, _inverse_softplus(cfg.tau_init), dtype=dtype,
@@ -242,20 +246,25 @@ class SliceAdapter(nn.Module):
 
     def _weight_stats(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached ``||W0||^2_row`` and the tau scale of this slice, recomputed when W0 changes."""
+        if torch.compiler.is_compiling():  # no Python-side cache inside a compiled graph: recompute (exact)
+            return self._compute_weight_stats(weight)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if key != self._cache_key:
-            with torch.no_grad():
-                W = weight.detach()[self.rows].to(param_dtype(weight))
-                norms = torch.linalg.vector_norm(W, dim=1)  # (out,)
-                self._w0_sq = norms * norms
-                mean = norms.mean()
-                mean = torch.where(mean > 0, mean, torch.ones_like(mean))
-                if self.cfg.tau_granularity == "row":
-                    self._row_scale = torch.maximum(norms, self.cfg.tau_floor * mean)  # (out,)
-                else:
-                    self._row_scale = mean.reshape(1)  # (1,)
+            self._w0_sq, self._row_scale = self._compute_weight_stats(weight)
             self._cache_key = key
         return self._w0_sq, self._row_scale
+
+    def _compute_weight_stats(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            W = weight.detach()[self.rows].to(param_dtype(weight))
+            norms = torch.linalg.vector_norm(W, dim=1)  # (out,)
+            mean = norms.mean()
+            mean = torch.where(mean > 0, mean, torch.ones_like(mean))
+            if self.cfg.tau_granularity == "row":
+                row_scale = torch.maximum(norms, self.cfg.tau_floor * mean)  # (out,)
+            else:
+                row_scale = mean.reshape(1)  # (1,)
+        return norms * norms, row_scale
 
     def tau_relative(self) -> torch.Tensor | None:
         """tau in units of the row norm: (1,) or (out,); None for tau_mode='zero'."""
@@ -376,7 +385,9 @@ class AdaptedLinear(nn.Linear):
                     "before training"
                 )
             return y
-        if fused.fused_enabled() and fused.fusable(self):
+        # torch.compile traces the plain-autograd path and fuses its small ops itself: on torch 2.11 (CUDA)
+        # the hand-written backward of the fused path came out of the compiler with zero adapter gradients
+        if fused.fused_enabled() and fused.fusable(self) and not torch.compiler.is_compiling():
             return fused.fused_forward(self, x)
         return self.reference_forward(x)
 

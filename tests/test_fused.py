@@ -42,15 +42,15 @@ def _perturb(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p, _ in doran.named_adapter_parameters(model):
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) * (p.abs().mean() + 0.1))
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * (p.abs().mean() + 0.1))
 
 
-def _outputs_and_grads(model: nn.Module, x: torch.Tensor, path: str, scale: str = "auto"):
+def _outputs_and_grads(model: nn.Module, x: torch.Tensor, path: str, scale: str = "auto", bank: bool = True):
     model.zero_grad(set_to_none=True)
     xx = x.clone().requires_grad_(True)
-    with fused.execution(path=path, scale=scale):
+    with fused.execution(path=path, scale=scale, bank=bank):  # the backward too: it may recompute layers
         out = model(xx)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     return out.detach(), xx.grad.clone(), grads
 
@@ -85,12 +85,13 @@ def test_fused_path_equals_reference_in_float64(preset, extra, arch, scale):
     _perturb(model)
     assert all(fused.fusable(m) for _, m in doran.adapted_modules(model))
     ref = _outputs_and_grads(model, x, "reference")
-    got = _outputs_and_grads(model, x, "fused", scale)
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)
-    assert got[2].keys() == ref[2].keys() and len(ref[2]) > 0
-    for name in ref[2]:
-        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-9, atol=1e-12, msg=name)
+    for bank in (True, False):
+        got = _outputs_and_grads(model, x, "fused", scale, bank)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)
+        assert got[2].keys() == ref[2].keys() and len(ref[2]) > 0
+        for name in ref[2]:
+            torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_fused_path_keeps_the_k_rows_of_qkv_bit_exact():
@@ -244,7 +245,7 @@ def test_execution_settings_are_checked_and_restored():
         fused.set_execution(scale="rows")
     before = dict(fused._SETTINGS)
     with fused.execution(path="reference", scale="weight"):
-        assert fused._SETTINGS == {"path": "reference", "scale": "weight"}
+        assert fused._SETTINGS == {"path": "reference", "scale": "weight", "bank": True}
     assert before == fused._SETTINGS
 
 
@@ -308,3 +309,170 @@ def test_fused_path_on_cuda_bf16_autocast_matches_reference(preset):
         for name, grad in ref_grads.items():
             rel = ((grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)).item()
             assert rel < 5e-2, (key, name, rel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", sorted(doran.PRESETS))
+def test_inject_into_a_model_already_on_cuda(preset):
+    """Adapters are drawn on the CPU and moved; m and tau must not mix devices on the way."""
+    torch.manual_seed(0)
+    model = QV().cuda()
+    x = torch.randn(4, 16, device="cuda")
+    before = model(x)
+    heads = {"heads": 2} if preset == "hora" else {}
+    doran.inject(model, doran.AdapterConfig.preset(preset, r=2, targets=("q_proj", "v_proj"), **heads))
+    assert all(p.is_cuda for p in model.parameters())
+    torch.testing.assert_close(model(x), before)
+    model(x).sum().backward()
+
+
+class Blocks(nn.Module):
+    """Two attention-like blocks with q/v projections (the generator-sharing variants act per block)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(QV(d) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.layers:
+            x = torch.tanh(block.q_proj(x) + block.v_proj(x))
+        return x
+
+
+@pytest.mark.parametrize("sharing", ["none", "qv_first", "qv_full", "global"])
+def test_bank_equals_per_slice_and_reference_for_every_sharing_variant(sharing):
+    torch.manual_seed(0)
+    model = Blocks().double()
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj"), sharing=sharing))
+    _perturb(model)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    ref = _outputs_and_grads(model, x, "reference")
+    for bank in (True, False):
+        got = _outputs_and_grads(model, x, "fused", "auto", bank)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+        for name in ref[2]:
+            torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_bank_serves_the_models_forward_only():
+    from doran import bank
+
+    torch.manual_seed(0)
+    model = Blocks()
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
+    seen = []
+    model.layers[1].v_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(all(ad._banked is not None for ad in m.doran.values())))
+    model(torch.randn(3, 8))
+    assert seen == [True]
+    assert len(bank._BANKS[model].groups) == 1  # 4 slices of one shape: one batched computation
+    calls = []
+    for _, m in doran.adapted_modules(model):
+        for ad in m.doran.values():
+            ad.scale_vector = lambda *a, ad=ad, f=ad.scale_vector: calls.append(1) or f(*a)
+    model.layers[0].q_proj(torch.randn(3, 8))  # a layer called on its own: computes its own g
+    assert calls == [1]
+    model(torch.randn(3, 8))  # inside the model's forward: the bank's
+    assert calls == [1]
+
+
+def test_gradient_accumulation_over_two_forwards_with_the_bank():
+    torch.manual_seed(0)
+    model = Blocks().double()
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
+    _perturb(model)
+    x1, x2 = torch.randn(3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    model(x1).sum().backward()
+    model(x2).pow(2).sum().backward()
+    acc = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with fused.execution(path="reference"):
+        (model(x1).sum() + model(x2).pow(2).sum()).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(acc[n], p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_eject_and_merged_copy_remove_the_bank_hooks():
+    from doran import bank
+
+    model = Blocks()
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
+    plain = doran.merged_copy(model)
+    assert bank._pre_hook not in plain._forward_pre_hooks.values()
+    assert bank._pre_hook in model._forward_pre_hooks.values()
+    twin = copy.deepcopy(model)
+    doran.eject(twin)
+    assert bank._pre_hook not in twin._forward_pre_hooks.values()
+    assert bank._pre_hook in model._forward_pre_hooks.values()  # the original keeps its hooks
+    assert bank._post_hook not in twin._forward_hooks.values()
+
+
+@pytest.mark.parametrize("preset", ["lora", "dora", "doran"])
+def test_a_compiled_model_is_one_graph_with_eager_gradients(preset):
+    """torch.compile traces an adapted model (the plain-autograd path) without graph breaks (CPU, the
+    aot_eager backend: no C compiler needed) and computes what the eager fused path computes."""
+    torch.manual_seed(0)
+    model = QKV()
+    doran.inject(model, doran.AdapterConfig.preset(preset, r=4, targets=("qkv",)))
+    _perturb(model)
+    x = torch.randn(3, 5, 12)
+    ref = model(x)
+    ref.sum().backward()
+    expect = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, expect[n], msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("preset", ["lora", "doran"])
+def test_compiled_gradients_on_cuda_match_eager(preset, mode):
+    """torch.compile (Inductor, and CUDA graphs with reduce-overhead) trains the same adapter as eager."""
+    torch.manual_seed(0)
+    model = Blocks(d=64).cuda()
+    doran.inject(model, doran.AdapterConfig.preset(preset, r=4, targets=("q_proj", "v_proj")))
+    _perturb(model)
+    x = torch.randn(32, 64, device="cuda")
+    model(x).pow(2).mean().backward()
+    expect = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert expect and all(g.abs().sum() > 0 for g in expect.values())
+    compiled = torch.compile(model, mode=None if mode == "default" else mode)
+    for _ in range(3):  # reduce-overhead records its graphs on a later call
+        model.zero_grad(set_to_none=True)
+        compiled(x).pow(2).mean().backward()
+    for n, p in model.named_parameters():
+        if n in expect:
+            torch.testing.assert_close(p.grad, expect[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_bank_under_activation_checkpointing(reentrant):
+    """Checkpointed blocks recompute their layers in the backward; gradients equal the reference path's."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(Blocks):
+        def forward(self, x):
+            for block in self.layers:
+                x = checkpoint(lambda y, b=block: torch.tanh(b.q_proj(y) + b.v_proj(y)), x,
+                               use_reentrant=reentrant)
+            return x
+
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
+    _perturb(model)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    ref = _outputs_and_grads(model, x, "reference")
+    got = _outputs_and_grads(model, x, "fused")
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-9, atol=1e-12, msg=name)

@@ -1,0 +1,109 @@
+"""Figures of the step-time benchmarks, from their result files (trains and times nothing).
+
+    python -m benchmarks.plot            # figures/bench_step_time.{png,pdf}, figures/bench_layer_sweep.{png,pdf}
+
+``bench_step_time``: per workload (ViT-B/16, LLaMA-shaped), wall step time and GPU-busy time of every
+variant, as ratios to our LoRA in the same run. ``bench_layer_sweep``: the single-layer sweep, DoRAN's
+GPU-busy time over LoRA's against tokens per step, with g applied to the weight and to the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = {
+    "lora": "our LoRA", "dora": "our DoRA", "doran": "our DoRAN",
+    "doran@nobank": "DoRAN, no bank", "doran@reference": "DoRAN, reference path",
+    "peft-lora": "PEFT LoRA", "peft-dora": "PEFT DoRA",
+}
+WORKLOAD_TITLES = {"vit": "ViT-B/16, batch 64, qkv q/v, r 8", "llama": "LLaMA-shaped 4 layers, 4 x 512, q/v, r 16"}
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fig.savefig(path.with_suffix(f".{ext}"), dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_step_time(results: dict, out: Path) -> None:
+    workloads = [w for w in ("vit", "llama") if w in results["workloads"]]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6.2 * len(workloads), 4.2), squeeze=False)
+    for ax, w in zip(axes[0], workloads):
+        rows = results["workloads"][w]
+        names = [v for v in LABELS if v in rows]
+        y = range(len(names))
+        wall = [rows[v]["step_ms_median_vs_lora"] for v in names]
+        busy = [rows[v]["gpu_busy_ms_vs_lora"] for v in names]
+        ax.barh([i + 0.2 for i in y], wall, height=0.38, color="#4c72b0", label="wall step time")
+        ax.barh([i - 0.2 for i in y], busy, height=0.38, color="#dd8452", label="GPU-busy time")
+        for i, v in enumerate(names):
+            ax.text(wall[i] + 0.03, i + 0.2, f"{rows[v]['step_ms_median']:.1f} ms", va="center", fontsize=8)
+            ax.text(busy[i] + 0.03, i - 0.2, f"{rows[v]['gpu_busy_ms']:.1f} ms", va="center", fontsize=8)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_yticks(list(y), [LABELS[v] for v in names])
+        ax.invert_yaxis()
+        ax.set_xlabel("x our LoRA (same run)")
+        ax.set_title(WORKLOAD_TITLES.get(w, w), fontsize=10)
+        ax.set_xlim(0, max(wall + busy) * 1.25)
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.subplots_adjust(wspace=0.55)
+    fig.suptitle(f"Adapter-only training step, eager, bf16 autocast; {results['device'].get('cuda_device', '')}",
+                 fontsize=11)
+    _save(fig, out)
+
+
+def plot_layer_sweep(results: dict, out: Path) -> None:
+    rows = results["layer_sweep"]
+    widths = sorted({r["width"] for r in rows})
+    fig, axes = plt.subplots(1, len(widths), figsize=(3.4 * len(widths), 3.6), sharey=True, squeeze=False)
+    for ax, d in zip(axes[0], widths):
+        for variant, style in (("doran@weight", "-o"), ("doran@output", "--s"), ("doran@reference", ":^"),
+                               ("peft-dora", "-.x")):
+            for rank, color in zip(sorted({r["rank"] for r in rows}), ("#4c72b0", "#55a868", "#c44e52")):
+                pts = sorted((r["tokens"], r[variant] / r["lora"]) for r in rows
+                             if r["width"] == d and r["rank"] == rank)
+                if variant.startswith("doran@") and variant != "doran@reference":
+                    ax.plot(*zip(*pts), style, color=color, ms=4,
+                            label=f"{variant.split('@')[1]}, r {rank}")
+                elif rank == 8:
+                    ax.plot(*zip(*pts), style, color="grey", ms=4, label=f"{LABELS.get(variant, variant)}, r 8")
+        ax.axvline(d, color="black", lw=0.6, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_yticks([1, 1.5, 2, 3, 4], ["1", "1.5", "2", "3", "4"])
+        ax.set_xticks([1024, 4096, 16384], ["1k", "4k", "16k"])
+        ax.set_title(f"width {d} (dotted: tokens = width)", fontsize=9)
+        ax.set_xlabel("tokens per step")
+    axes[0][0].set_ylabel("GPU-busy time / LoRA's")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("One bf16 Linear, forward + backward + AdamW: DoRAN with g on the weight or on the output", fontsize=11)
+    _save(fig, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=str(ROOT / "benchmarks/results/gpu-h100-eager.json"))
+    parser.add_argument("--layers", default=str(ROOT / "benchmarks/results/gpu-h100-layer-sweep.json"))
+    parser.add_argument("--out", default=str(ROOT / "figures"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if Path(args.models).exists():
+        plot_step_time(json.loads(Path(args.models).read_text()), out / "bench_step_time")
+        print(f"[plot] {out / 'bench_step_time'}.png")
+    if Path(args.layers).exists():
+        plot_layer_sweep(json.loads(Path(args.layers).read_text()), out / "bench_layer_sweep")
+        print(f"[plot] {out / 'bench_layer_sweep'}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

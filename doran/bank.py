@@ -1,0 +1,202 @@
+"""The adapter bank: the factors and row scales of every slice of a model, batched, once per forward.
+
+On the fused path each slice would otherwise run its own generator MLP (~12 small ops), tau and norm
+(~15 ops) forward and about as many backward: on a GPU the host records those ops one at a time, and
+with two slices per block they dominate the step. The bank groups the slices whose shapes and settings
+agree (every q and v of a ViT or a LLaMA form one group per projection shape) and computes, per group,
+
+    A (S, r, in), B (S, out, r)     one bmm chain through the stacked generator weights (or the stacked
+                                    static factors)
+    g (S, out)                      one closed-form autograd node for all S norms (doran/fused.py)
+
+so the op count no longer grows with the number of layers. The values are those of the per-slice
+computation (same formulas, same precision); tests/test_fused.py checks them in float64.
+
+It runs from a forward pre-hook on the model given to ``inject`` and hands each slice its tensors for
+that forward (and for a recomputation of the layer in its backward, as activation checkpointing does), so
+every forward, also several per optimizer step (gradient accumulation), builds its own autograd graph. A
+layer called outside its model's forward, a
+compiled model (torch.compile traces the per-slice code, which it fuses itself), a sharded model (FSDP
+holds the parameters of other layers sharded during the root forward) and per-head factors (HoRA) use the
+per-slice computation instead.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import fused
+
+_BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sharded(model: nn.Module) -> bool:
+    names = {type(m).__name__ for m in model.modules()}
+    if any("FullyShardedDataParallel" in n or n.startswith("FSDP") for n in names):
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _signature(layer, ad) -> tuple[Any, ...]:
+    cfg = ad.cfg
+    gen = hasattr(ad, "generator")
+    return (gen, cfg.r, layer.in_features, ad.stop - ad.start, layer.weight.dtype, str(layer.weight.device),
+            cfg.magnitude, cfg.tau_mode, cfg.tau_granularity, cfg.detach_norm, ad.s,
+            (cfg.gen_hidden, cfg.gen_embed, cfg.gen_activation) if gen else None)
+
+
+def _generate(embs, firsts, seconds) -> torch.Tensor:
+    """The factor rows of S generators at once: ``c * W2 act(W1 e^T + b1)`` per s -> (S, r, width)."""
+    E = torch.stack(embs)  # (S, r, k)
+    W1 = torch.stack([f.linear.weight for f in firsts])  # (S, hidden, k)
+    b1 = torch.stack([f.linear.bias for f in firsts])  # (S, hidden)
+    h = firsts[0].act(torch.baddbmm(b1.unsqueeze(1), E, W1.transpose(1, 2)))  # (S, r, hidden)
+    W2 = torch.stack([s.weight for s in seconds])  # (S, width, hidden)
+    return torch.bmm(h, W2.transpose(1, 2)) * seconds[0].multiplier  # (S, r, width)
+
+
+class AdapterBank:
+    """Groups of slices of one model computed together; see the module docstring."""
+
+    def __init__(self, model: nn.Module, key: tuple[int, ...], entries: list[tuple[Any, Any]]) -> None:
+        self.key = key
+        self.usable = not _sharded(model)
+        groups: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
+        for layer, ad in entries:
+            groups.setdefault(_signature(layer, ad), []).append((layer, ad))
+        self.groups = list(groups.values())
+        self.slices = [ad for _, ad in entries]
+        self.active = False  # inside the model's forward
+        self.grad_enabled = False  # grad mode of the last refresh
+        self._stats: dict[int, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
+
+    def _stacked_stats(self, i: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked ``||W0||^2_row`` and tau row scales of a group, restacked when a base weight changes."""
+        key = tuple((layer.weight.data_ptr(), layer.weight._version) for layer, _ in group)
+        cached = self._stats.get(i)
+        if cached is None or cached[0] != key:
+            stats = [ad._weight_stats(layer.weight) for layer, ad in group]
+            cached = (key, torch.stack([w for w, _ in stats]), torch.stack([rs for _, rs in stats]))
+            self._stats[i] = cached
+        return cached[1], cached[2]
+
+    def refresh(self) -> None:
+        self.active, self.grad_enabled = True, torch.is_grad_enabled()
+        for i, group in enumerate(self.groups):
+            ads = [ad for _, ad in group]
+            ad0 = ads[0]
+            dev = ad0.magnitude.device.type if ad0.cfg.magnitude else next(ad0.parameters()).device.type
+            with torch.autocast(device_type=dev, enabled=False):
+                if hasattr(ad0, "generator"):
+                    gens = [ad.generator for ad in ads]
+                    A = _generate([g.emb_A for g in gens], [g.first_A for g in gens], [g.second_A for g in gens])
+                    B = _generate([g.emb_B for g in gens], [g.first_B for g in gens],
+                                  [g.second_B for g in gens]).transpose(1, 2)  # (S, out, r)
+                else:
+                    A = torch.stack([ad.lora_A for ad in ads])
+                    B = torch.stack([ad.lora_B for ad in ads])
+                g = None
+                if ad0.cfg.magnitude:
+                    w0_sq, row_scale = self._stacked_stats(i, group)
+                    cfg = ad0.cfg
+                    if cfg.tau_mode == "learned":
+                        t = nn.functional.softplus(torch.stack([ad.tau_rho for ad in ads])) * row_scale
+                    elif cfg.tau_mode == "fixed":
+                        t = torch.stack([ad.tau_t for ad in ads]) * row_scale
+                    else:
+                        t = None
+                    m = torch.stack([ad.magnitude for ad in ads])
+                    g = fused.row_scales(A, B, m, t, [layer.weight[ad.rows] for layer, ad in group], w0_sq,
+                                         ad0.s, cfg.detach_norm)
+            As, Bs = A.unbind(0), B.unbind(0)
+            gs = g.unbind(0) if g is not None else (None,) * len(ads)
+            for ad, a, b, gg in zip(ads, As, Bs, gs):
+                ad._banked = (a, b, gg, self)
+                ad._banked_used = False
+
+    def clear(self) -> None:
+        self.active = False
+        for ad in self.slices:
+            ad._banked = None
+            ad._banked_used = False
+
+
+def banked(ad) -> tuple | None:
+    """(A, B, g) for this call of the slice's layer from its model's bank, or None (compute per slice).
+
+    Served during the model's forward (in the grad mode of the refresh), and again during the backward to
+    a layer that used them in the forward: activation checkpointing recomputes the layer there and must see
+    the same tensors. A layer called on its own, or after the step, computes its own.
+    """
+    entry = ad._banked
+    if entry is None:
+        return None
+    bank = entry[3]
+    if bank.active and bank.grad_enabled == torch.is_grad_enabled():
+        ad._banked_used = True
+        return entry[:3]
+    if ad._banked_used and torch._C._current_graph_task_id() != -1:  # recomputed inside the backward
+        return entry[:3]
+    return None
+
+
+def _entries(model: nn.Module) -> list[tuple[Any, Any]]:
+    from .inject import adapted_modules
+
+    out = []
+    for _, layer in adapted_modules(model):
+        if layer.merged or not fused.fusable(layer):
+            continue
+        out.extend((layer, ad) for ad in layer.doran.values()
+                   if ad.heads is None and (ad.cfg.magnitude or hasattr(ad, "generator")))
+    return out
+
+
+def _pre_hook(model: nn.Module, args) -> None:
+    if not fused.bank_enabled() or torch.compiler.is_compiling():
+        return
+    entries = _entries(model)
+    if not entries:
+        return
+    key = tuple(id(ad) for _, ad in entries)
+    bank = _BANKS.get(model)
+    if bank is None or bank.key != key:
+        bank = AdapterBank(model, key, entries)
+        _BANKS[model] = bank
+    if bank.usable:
+        bank.refresh()
+
+
+def _post_hook(model: nn.Module, args, output) -> None:
+    if torch.compiler.is_compiling():
+        return
+    bank = _BANKS.get(model)
+    if bank is not None:
+        bank.active = False  # the tensors stay for a recomputation in the backward (checkpointing)
+
+
+def attach(model: nn.Module) -> None:
+    """Register the bank's hooks on ``model`` (``inject`` does this)."""
+    model.register_forward_pre_hook(_pre_hook)
+    model.register_forward_hook(_post_hook)
+
+
+def detach(model: nn.Module) -> None:
+    """Remove the bank's hooks and the bank of ``model`` (``eject`` and ``merged_copy`` do this).
+
+    Hooks are found by function, not by handle: a deep copy of a model copies its hooks, and a handle
+    would still point at the original's."""
+    for hooks, fn in ((model._forward_pre_hooks, _pre_hook), (model._forward_hooks, _post_hook)):
+        for hook_id in [k for k, v in hooks.items() if v is fn]:
+            del hooks[hook_id]
+    bank = _BANKS.pop(model, None)
+    if bank is not None:
+        bank.clear()
