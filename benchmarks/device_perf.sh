@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of the performance benchmarks (workloads a, b, c), for one CUDA GPU (the lent H100):
 #   bash benchmarks/device_perf.sh [OUT_DIR]        # writes gpu-*.json there (default benchmarks/results)
+# On a copied tree, export DORAN_GIT_COMMIT (and DORAN_GIT_DIRTY) first so the result files name the code.
 # The GPU tests of the fused path run first; every variant is also checked against the reference before timing.
 set -euo pipefail
 out=${1:-benchmarks/results}

@@ -173,14 +173,15 @@ def git_state(repo: str | Path | None = None) -> dict[str, Any]:
 
     Dirty means a tracked file outside :data:`NOT_CODE` (result files, figures) differs from the commit.
 
-    Where the tree has no git history, ``$DORAN_GIT_COMMIT`` (and ``$DORAN_GIT_DIRTY``) state it.
+    ``$DORAN_GIT_COMMIT`` (and ``$DORAN_GIT_DIRTY``), where set, state it instead: a copied tree's history
+    may be missing or stale (on the lent GPU machine it is the checkout's at the session's start).
     """
     repo = Path(repo) if repo is not None else Path(__file__).resolve().parent.parent
-    commit = _git("rev-parse", "HEAD", cwd=repo)
-    if commit is None and os.environ.get("DORAN_GIT_COMMIT"):
-        # a copy of the tree without its history (a lent GPU machine): the caller states the commit
+    if os.environ.get("DORAN_GIT_COMMIT"):
+        # a copy of the tree whose history is missing or stale (a lent GPU machine): the caller states it
         dirty = os.environ.get("DORAN_GIT_DIRTY", "") not in ("", "0", "false")
         return {"commit": os.environ["DORAN_GIT_COMMIT"], "dirty": dirty, "stated_by": "DORAN_GIT_COMMIT"}
+    commit = _git("rev-parse", "HEAD", cwd=repo)
     # only code counts: result files and figures change while a sweep runs (its own sweep.json first)
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in
                   NOT_CODE), cwd=repo)

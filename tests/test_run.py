@@ -375,10 +375,12 @@ def test_tiny_vit_trains_in_mixed_precision_on_gpu(tmp_path, method, precision):
     assert all(v is not None for v in totals) if precision == "auto" else any(v is not None for v in totals)
 
 
-def test_git_state_counts_code_changes_but_not_result_files(tmp_path):
+def test_git_state_counts_code_changes_but_not_result_files(tmp_path, monkeypatch):
     import subprocess
 
     from doran.results import git_state
+
+    monkeypatch.delenv("DORAN_GIT_COMMIT", raising=False)
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
@@ -397,3 +399,15 @@ def test_git_state_counts_code_changes_but_not_result_files(tmp_path):
     assert git_state(tmp_path)["dirty"] is False  # a sweep rewriting its own state is not a code change
     (tmp_path / "doran" / "core.py").write_text("x = 2\n")
     assert git_state(tmp_path)["dirty"] is True
+
+
+def test_stated_commit_wins_over_a_stale_history(tmp_path, monkeypatch):
+    """On a copied tree (the lent GPU machine) the history may be stale: the stated commit is recorded."""
+    from doran.results import git_state
+
+    monkeypatch.setenv("DORAN_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("DORAN_GIT_DIRTY", "0")
+    state = git_state()  # this repository has a history, and it is not what gets recorded
+    assert state == {"commit": "abc123", "dirty": False, "stated_by": "DORAN_GIT_COMMIT"}
+    monkeypatch.setenv("DORAN_GIT_DIRTY", "1")
+    assert git_state()["dirty"] is True
