@@ -8,6 +8,7 @@ Workloads (base frozen; forward, backward and AdamW step on the adapter; bf16 au
   llama   a LLaMA-shaped model (hidden 4096, intermediate 11008, 32 heads, 4 layers, random init),
           batch 4 x 512 tokens, q_proj/v_proj, r=16
   minilm  the embedded all-MiniLM-L6-v2 (CPU default), batch 32 x 64 tokens, query/value, r=8
+  host    ViT-B/16's structure at toy width, batch 1: per-op host cost only (CPU proxy of the eager GPU step)
   (c)     --layer-sweep: one square bf16 Linear, widths 768..8192, ranks 8..256, tokens per step; GPU-busy
           time of LoRA, DoRAN with g applied to the weight / to the output, DoRAN's reference path, PEFT DoRA
 
@@ -84,8 +85,22 @@ def minilm_workload(device: str) -> dict[str, Any]:
             "out": lambda m: m(input_ids=ids).logits}
 
 
+def host_workload(device: str) -> dict[str, Any]:
+    """ViT-B/16's 12 blocks and qkv slices at toy width (48, 3 heads, 4 patches, batch 1): the step is all
+    per-op host cost, a CPU proxy for the host-bound eager GPU step (run with --threads 1)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10, depth=12, embed_dim=48,
+                              num_heads=3, img_size=32)
+    x = torch.randn(1, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (1,), device=device)
+    return {"model": model, "targets": ("qkv",), "r": 8, "head": ("head",), "peft_targets": None,
+            "step": lambda m: nn.functional.cross_entropy(m(x), y), "out": lambda m: m(x), "foreach": True}
+
+
 WORKLOADS: dict[str, Callable[[str], dict[str, Any]]] = {"vit": vit_workload, "llama": llama_workload,
-                                                        "minilm": minilm_workload}
+                                                        "minilm": minilm_workload, "host": host_workload}
 
 
 # ------------------------------------------------------------------------------------------------ variants
@@ -186,7 +201,8 @@ def autocast(device: str):
 def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int, warmup: int,
                  profile_steps: int = 5) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    # foreach: the multi-tensor AdamW that CUDA uses by default (the host proxy asks for it on CPU too)
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=work.get("foreach")) if params else None
 
     def step() -> None:
         if opt is None:  # nothing trainable (the base LLaMA): forward only

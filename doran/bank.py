@@ -74,6 +74,7 @@ class AdapterBank:
             groups.setdefault(_signature(layer, ad), []).append((layer, ad))
         self.groups = list(groups.values())
         self.slices = [ad for _, ad in entries]
+        self.layers = list({id(layer): layer for layer, _ in entries}.values())
         self.active = False  # inside the model's forward
         self.grad_enabled = False  # grad mode of the last refresh
         self._stats: dict[int, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
@@ -118,15 +119,15 @@ class AdapterBank:
                                          ad0.s, cfg.detach_norm)
             As, Bs = A.unbind(0), B.unbind(0)
             gs = g.unbind(0) if g is not None else (None,) * len(ads)
-            for ad, a, b, gg in zip(ads, As, Bs, gs):
-                ad._banked = (a, b, gg, self)
-                ad._banked_used = False
+            for ad, a, b, gg in zip(ads, As, Bs, gs):  # plain attributes: skip nn.Module.__setattr__
+                object.__setattr__(ad, "_banked", (a, b, gg, self))
+                object.__setattr__(ad, "_banked_used", False)
 
     def clear(self) -> None:
         self.active = False
         for ad in self.slices:
-            ad._banked = None
-            ad._banked_used = False
+            object.__setattr__(ad, "_banked", None)
+            object.__setattr__(ad, "_banked_used", False)
 
 
 def banked(ad) -> tuple | None:
@@ -141,7 +142,7 @@ def banked(ad) -> tuple | None:
         return None
     bank = entry[3]
     if bank.active and bank.grad_enabled == torch.is_grad_enabled():
-        ad._banked_used = True
+        object.__setattr__(ad, "_banked_used", True)
         return entry[:3]
     if ad._banked_used and torch._C._current_graph_task_id() != -1:  # recomputed inside the backward
         return entry[:3]
@@ -163,15 +164,12 @@ def _entries(model: nn.Module) -> list[tuple[Any, Any]]:
 def _pre_hook(model: nn.Module, args) -> None:
     if not fused.bank_enabled() or torch.compiler.is_compiling():
         return
-    entries = _entries(model)
-    if not entries:
-        return
-    key = tuple(id(ad) for _, ad in entries)
     bank = _BANKS.get(model)
-    if bank is None or bank.key != key:
-        bank = AdapterBank(model, key, entries)
+    if bank is None or any(layer.merged for layer in bank.layers):  # built once: no module walk per forward
+        entries = _entries(model)
+        bank = AdapterBank(model, tuple(id(ad) for _, ad in entries), entries)
         _BANKS[model] = bank
-    if bank.usable:
+    if bank.usable and bank.groups:
         bank.refresh()
 
 
@@ -181,6 +179,14 @@ def _post_hook(model: nn.Module, args, output) -> None:
     bank = _BANKS.get(model)
     if bank is not None:
         bank.active = False  # the tensors stay for a recomputation in the backward (checkpointing)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the bank of ``model``; the next forward builds it from the model's current layers (``merge``
+    and ``unmerge`` call this)."""
+    bank = _BANKS.pop(model, None)
+    if bank is not None:
+        bank.clear()
 
 
 def attach(model: nn.Module) -> None:

@@ -468,6 +468,7 @@ def merge(model: nn.Module) -> None:
     _state(model)
     for _, module in adapted_modules(model):
         module.merge()
+    bank.forget(model)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -475,6 +476,7 @@ def unmerge(model: nn.Module) -> None:
     _state(model)
     for _, module in adapted_modules(model):
         module.unmerge()
+    bank.forget(model)
 
 
 def eject(model: nn.Module) -> nn.Module:

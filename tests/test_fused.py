@@ -476,3 +476,22 @@ def test_bank_under_activation_checkpointing(reentrant):
     torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
     for name in ref[2]:
         torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_bank_follows_merge_and_unmerge():
+    from doran import bank
+
+    torch.manual_seed(0)
+    model = Blocks()
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
+    _perturb(model)
+    x = torch.randn(3, 8)
+    before = model(x)
+    assert len(bank._BANKS[model].slices) == 4
+    doran.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    assert len(bank._BANKS[model].slices) == 0  # merged layers run the base kernels, nothing to bank
+    doran.unmerge(model)
+    torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-7)
+    assert len(bank._BANKS[model].slices) == 4
