@@ -421,8 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from doran.results import device_info, environment
 
+    from pathlib import Path
+
+    recorded = dict(vars(args))
+    if args.out:  # no path of a particular machine in the file: the name, or the path inside the repository
+        out = Path(args.out).resolve()
+        root = Path(__file__).resolve().parent.parent
+        recorded["out"] = str(out.relative_to(root)) if out.is_relative_to(root) else out.name
     results = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_info(),
-               "env": environment(), "args": vars(args), "workloads": {}}
+               "env": environment(), "args": recorded, "workloads": {}}
     for name in args.workload:
         print(f"[bench] {name} on {device}", flush=True)
         results["workloads"][name] = run_workload(name, args.variants, device, args.steps, args.warmup,
