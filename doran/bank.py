@@ -34,15 +34,17 @@ from . import fused
 _BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch without distributed
+    _DTensor = ()
+
+
 def _sharded(model: nn.Module) -> bool:
     names = {type(m).__name__ for m in model.modules()}
     if any("FullyShardedDataParallel" in n or n.startswith("FSDP") for n in names):
         return True
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(p, _DTensor) for p in model.parameters())
 
 
 def _signature(layer, ad) -> tuple[Any, ...]:
@@ -161,6 +163,16 @@ def _entries(model: nn.Module) -> list[tuple[Any, Any]]:
     return out
 
 
+def _gathered_elsewhere(bank: AdapterBank) -> bool:
+    """Whether the model was sharded after the bank was built (FSDP wrapped later): parameters of other
+    layers are then empty or distributed during the root forward, so each layer computes its own."""
+    for group in bank.groups:
+        p = next(group[0][1].parameters())
+        if p.numel() == 0 or isinstance(p, _DTensor):
+            return True
+    return False
+
+
 def _pre_hook(model: nn.Module, args) -> None:
     if not fused.bank_enabled() or torch.compiler.is_compiling():
         return
@@ -169,7 +181,7 @@ def _pre_hook(model: nn.Module, args) -> None:
         entries = _entries(model)
         bank = AdapterBank(model, tuple(id(ad) for _, ad in entries), entries)
         _BANKS[model] = bank
-    if bank.usable and bank.groups:
+    if bank.usable and bank.groups and not _gathered_elsewhere(bank):
         bank.refresh()
 
 

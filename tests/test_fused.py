@@ -495,3 +495,19 @@ def test_bank_follows_merge_and_unmerge():
     doran.unmerge(model)
     torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-7)
     assert len(bank._BANKS[model].slices) == 4
+
+
+def test_bank_stands_aside_when_parameters_are_sharded_after_it_was_built():
+    """FSDP wrapping after a first forward leaves other layers' parameters empty during the root forward."""
+    from doran import bank
+
+    model = Blocks()
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
+    model(torch.randn(2, 8))
+    built = bank._BANKS[model]
+    assert not bank._gathered_elsewhere(built)
+    first = next(built.groups[0][0][1].parameters())
+    kept = first.data
+    first.data = torch.empty(0)  # what FSDP leaves in a parameter it holds sharded
+    assert bank._gathered_elsewhere(built)
+    first.data = kept
