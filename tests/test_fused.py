@@ -55,6 +55,13 @@ def _outputs_and_grads(model: nn.Module, x: torch.Tensor, path: str, scale: str 
     return out.detach(), xx.grad.clone(), grads
 
 
+def _assert_same(got, ref) -> None:
+    """Outputs at 1e-12 and every parameter gradient of ``ref`` at 1e-9 (results of _outputs_and_grads)."""
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 CASES = [
     ("lora", {}),
     ("dora", {}),
@@ -87,11 +94,9 @@ def test_fused_path_equals_reference_in_float64(preset, extra, arch, scale):
     ref = _outputs_and_grads(model, x, "reference")
     for bank in (True, False):
         got = _outputs_and_grads(model, x, "fused", scale, bank)
-        torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+        _assert_same(got, ref)
         torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)
         assert got[2].keys() == ref[2].keys() and len(ref[2]) > 0
-        for name in ref[2]:
-            torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_fused_path_keeps_the_k_rows_of_qkv_bit_exact():
@@ -350,9 +355,7 @@ def test_bank_equals_per_slice_and_reference_for_every_sharing_variant(sharing):
     ref = _outputs_and_grads(model, x, "reference")
     for bank in (True, False):
         got = _outputs_and_grads(model, x, "fused", "auto", bank)
-        torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
-        for name in ref[2]:
-            torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-9, atol=1e-12, msg=name)
+        _assert_same(got, ref)
 
 
 def test_bank_serves_the_models_forward_only():
@@ -473,9 +476,7 @@ def test_bank_under_activation_checkpointing(reentrant):
     x = torch.randn(5, 8, dtype=torch.float64)
     ref = _outputs_and_grads(model, x, "reference")
     got = _outputs_and_grads(model, x, "fused")
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
-    for name in ref[2]:
-        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-9, atol=1e-12, msg=name)
+    _assert_same(got, ref)
 
 
 def test_bank_follows_merge_and_unmerge():
