@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     except OSError:
         pass
     return path
+
+
+def write_result(result: dict[str, Any], path: str | Path, run_dir: str | Path,
+                 keep_checkpoints: bool) -> None:
+    """Check a finished run's result, write it atomically and drop its checkpoints unless kept."""
+    validate_result(result, source=str(result.get("run_id", path)))
+    atomic_write_json(path, result)
+    if not keep_checkpoints:
+        shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
 
 
 def read_result(path: str | Path) -> dict[str, Any]:

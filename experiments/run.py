@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -471,10 +470,7 @@ def run(
         "artifacts": artifacts,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    results.validate_result(result, source=run_id)
-    results.atomic_write_json(result_path, result)
-    if not rt["keep_checkpoints"]:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    results.write_result(result, result_path, run_dir, rt["keep_checkpoints"])
     if verbose:
         acc = metrics.get("test/acc")
         print(

@@ -297,12 +297,7 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
         "artifacts": artifacts,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    results.validate_result(result, source=run_id)
-    results.atomic_write_json(result_path, result)
-    if not rt["keep_checkpoints"]:
-        import shutil
-
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    results.write_result(result, result_path, run_dir, rt["keep_checkpoints"])
     if verbose:
         acc = metrics.get("test/acc")
         print(
