@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import sys
 import time
@@ -104,7 +105,8 @@ WORKLOADS: dict[str, Callable[[str], dict[str, Any]]] = {"vit": vit_workload, "l
 
 
 # ------------------------------------------------------------------------------------------------ variants
-EXEC_MODES = ("fused", "nobank", "reference", "weight", "output", "compile", "compile-ro")
+EXEC_MODES = ("fused", "nobank", "reference", "weight", "output", "compile", "compile-ro", "compile-ref",
+              "compile-ro-ref")
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -127,7 +129,9 @@ def execution_for(variant: str):
         return execution(path="fused", scale="auto", bank=False)
     if mode in ("weight", "output"):
         return execution(path="fused", scale=mode)
-    return execution(path="fused", scale="auto", bank=True)
+    if mode.endswith("-ref"):  # compiled, tracing the plain-autograd path
+        return execution(path="fused", scale="auto", bank=True, compiled="reference")
+    return execution(path="fused", scale="auto", bank=True, compiled="fused")
 
 
 def build_variant(work: dict[str, Any], variant: str, device: str) -> nn.Module:
@@ -152,9 +156,9 @@ def build_variant(work: dict[str, Any], variant: str, device: str) -> nn.Module:
         cfg = doran.AdapterConfig.preset(variant, r=work["r"], alpha=2 * work["r"], targets=work["targets"])
         doran.inject(model, cfg, trainable=work["head"])
     model = model.to(device)
-    if mode == "compile":
+    if mode in ("compile", "compile-ref"):
         model = torch.compile(model)
-    elif mode == "compile-ro":  # CUDA graphs of the compiled forward and backward
+    elif mode in ("compile-ro", "compile-ro-ref"):  # CUDA graphs of the compiled forward and backward
         model = torch.compile(model, mode="reduce-overhead")
     return model
 
@@ -217,6 +221,11 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
 
     model.train()
     grad_norm = None
+    gc.collect()  # what earlier variants left (reference cycles) must not count in this one's peak
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # from the first step: compiling and graph recording count too
+    mem_before = torch.cuda.memory_allocated() / 2**20 if device == "cuda" else None
     if opt is not None:  # the adapter gradient of the first step: equal across execution modes of one method
         with autocast(device):
             loss = work["step"](model)
@@ -228,8 +237,6 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
         step()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -239,6 +246,7 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
     result = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
               "step_ms_max": 1e3 * max(times), "steps": steps,
               "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+              "mem_before_first_step_mib": mem_before,
               "trainable": sum(p.numel() for p in params), "first_grad_norm": grad_norm}
     if device == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -280,7 +288,7 @@ INFER_STEPS = 50
 
 
 def run_workload(name: str, variants: list[str], device: str, steps: int, warmup: int,
-                 inference: bool = False) -> dict[str, Any]:
+                 inference: bool = False, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     work = WORKLOADS[name](device)
     work["model"] = work["model"].to(device)
     with torch.no_grad(), autocast(device):
@@ -300,15 +308,20 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
                 doran.merge(model)
                 row["merged_infer_ms"] = time_inference(work, model, device, INFER_STEPS, warmup)
         rows[variant] = row
+        if on_row is not None:  # a killed run keeps the variants it measured
+            on_row(rows)
         print(f"  {name:6s} {variant:10s} {row['step_ms_median']:8.2f} ms  busy "
               f"{row.get('gpu_busy_ms', float('nan')):8.2f} ms  mem {row['peak_mem_mib'] or 0:8.0f} MiB  "
               f"identity {row['identity_rel_err']:.1e}  grad {row.get('first_grad_norm') or 0:.4e}", flush=True)
         del model
+        torch._dynamo.reset()  # compiled graphs (and CUDA-graph pools) hold the model: free them
+        gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     for variant, row in rows.items():  # ratios to our LoRA in the same execution mode
         _, mode = split_variant(variant)
-        lora = rows.get("lora" if mode == "fused" else f"lora@{mode}") or rows.get("lora")
+        lora = rows.get("lora" if mode == "fused" else f"lora@{mode}") or \
+            rows.get(f"lora@{mode.removesuffix('-ref')}") or rows.get("lora")
         if lora:
             for key in ("step_ms_median", "gpu_busy_ms", "peak_mem_mib"):
                 if row.get(key) is not None and lora.get(key):
@@ -432,11 +445,15 @@ def main(argv: list[str] | None = None) -> int:
                "env": environment(), "args": recorded, "workloads": {}}
     for name in args.workload:
         print(f"[bench] {name} on {device}", flush=True)
-        results["workloads"][name] = run_workload(name, args.variants, device, args.steps, args.warmup,
-                                                  args.inference)
-        if args.out:  # a partial file after each workload: a killed run keeps what it measured
-            from doran.results import atomic_write_json
+        from doran.results import atomic_write_json
 
+        def partial(rows, name=name):
+            if args.out:
+                atomic_write_json(args.out, {**results, "workloads": {**results["workloads"], name: rows}})
+
+        results["workloads"][name] = run_workload(name, args.variants, device, args.steps, args.warmup,
+                                                  args.inference, on_row=partial)
+        if args.out:
             atomic_write_json(args.out, {**results, "table": table(results)})
     if args.layer_sweep:
         if device != "cuda":

@@ -139,6 +139,8 @@ def banked(ad) -> tuple | None:
     a layer that used them in the forward: activation checkpointing recomputes the layer there and must see
     the same tensors. A layer called on its own, or after the step, computes its own.
     """
+    if torch.compiler.is_compiling():  # the compiler traces the per-slice code and fuses it itself
+        return None
     entry = ad._banked
     if entry is None:
         return None

@@ -34,10 +34,12 @@ half-precision W0 as three bf16 GEMMs with float32 accumulation on CUDA (the flo
 three bf16 parts, exact to float32 rounding), instead of upcasting W0: the GEMMs read W0 once, in its own
 precision. Elsewhere (CPU, float16, float64) W0 is upcast in 16 MiB row blocks as in the reference.
 
-Under ``torch.compile`` the layers take the reference path (plain autograd, which the compiler fuses
-itself): on torch 2.11 with CUDA, compiling these hand-written backward functions gave zero adapter
-gradients (tests/test_fused.py::test_compiled_gradients_on_cuda_match_eager). The factors and row scales
-of all slices come batched from the model's adapter bank when it runs (doran/bank.py).
+Under ``torch.compile`` the compiler traces these nodes (forward and hand-written backward) and fuses
+their small ops; the adapter bank stands aside there. The forward is written out of place while traced:
+on torch 2.11 with CUDA the in-place updates of the freshly computed output (``addmm_``, ``mul_``) were
+lost in the compiled graph, so the adapter did not reach the output and every adapter gradient was zero
+(benchmarks/compile_probe.py; the GPU test tests/test_fused.py::test_compiled_gradients_on_cuda_match_eager
+guards it). ``set_execution(compiled="reference")`` makes compiled models trace plain autograd instead.
 """
 
 from __future__ import annotations
@@ -51,19 +53,22 @@ import torch.nn.functional as F
 from . import bank as _bank  # circular (bank uses this module at call time only)
 
 _TINY = 1e-30
-_SETTINGS: dict[str, Any] = {"path": "fused", "scale": "auto", "bank": True}
+_SETTINGS: dict[str, Any] = {"path": "fused", "scale": "auto", "bank": True, "compiled": "fused"}
 _PATHS = ("fused", "reference")
 _SCALES = ("auto", "weight", "output")
 
 
-def set_execution(path: str | None = None, scale: str | None = None, bank: bool | None = None) -> dict[str, Any]:
+def set_execution(path: str | None = None, scale: str | None = None, bank: bool | None = None,
+                  compiled: str | None = None) -> dict[str, Any]:
     """Choose how adapted layers run; returns the previous settings.
 
     ``path``: ``"fused"`` (default; LoRA and the DoRA family, without Pre-Diag's diagonal or SORA's
     rotation) or ``"reference"`` (plain autograd, every method). ``scale``: how g is applied on the fused
     path, ``"auto"`` (by shape), ``"weight"`` or ``"output"``. ``bank``: compute the factors and row scales
-    of all slices of a model batched, once per forward (doran/bank.py; default True). All settings compute
-    the same function.
+    of all slices of a model batched, once per forward (doran/bank.py; default True). ``compiled``: the path
+    a model takes inside ``torch.compile``, ``"fused"`` (default: these autograd nodes, traced and fused by
+    the compiler) or ``"reference"`` (the compiler traces plain autograd; it keeps z for the backward, so
+    it uses more memory). All settings compute the same function.
     """
     previous = dict(_SETTINGS)
     if path is not None:
@@ -76,13 +81,18 @@ def set_execution(path: str | None = None, scale: str | None = None, bank: bool 
         _SETTINGS["scale"] = scale
     if bank is not None:
         _SETTINGS["bank"] = bool(bank)
+    if compiled is not None:
+        if compiled not in _PATHS:
+            raise ValueError(f"unknown compiled path {compiled!r}; choose one of {_PATHS}")
+        _SETTINGS["compiled"] = compiled
     return previous
 
 
 @contextmanager
-def execution(path: str | None = None, scale: str | None = None, bank: bool | None = None):
+def execution(path: str | None = None, scale: str | None = None, bank: bool | None = None,
+              compiled: str | None = None):
     """Context manager form of :func:`set_execution`."""
-    previous = set_execution(path, scale, bank)
+    previous = set_execution(path, scale, bank, compiled)
     try:
         yield
     finally:
@@ -94,6 +104,9 @@ def bank_enabled() -> bool:
 
 
 def fused_enabled() -> bool:
+    """Whether fusable layers take this path now (inside torch.compile: the ``compiled`` setting)."""
+    if torch.compiler.is_compiling():
+        return _SETTINGS["path"] == "fused" and _SETTINGS["compiled"] == "fused"
     return _SETTINGS["path"] == "fused"
 
 
@@ -152,7 +165,7 @@ def times_weight(Y: torch.Tensor, W: torch.Tensor, chunk_elements: int = 1 << 22
 # ------------------------------------------------------------------------------ g = m / (||V||_row + tau)
 def _needs(ctx, k: int) -> tuple[bool, ...]:
     """Which of the first k inputs want a gradient; all of them while torch.compile traces the backward
-    (some torch versions trace it with every flag False; the compiler drops unused gradients itself)."""
+    (the compiler drops unused gradients itself)."""
     if torch.compiler.is_compiling():
         return (True,) * k
     return tuple(ctx.needs_input_grad[:k])
@@ -242,21 +255,26 @@ class _FusedLinear(torch.autograd.Function):
         cd = x.dtype
         with _no_autocast(x.device.type):
             Bs = (B_big * s).to(cd)
+            pure = torch.compiler.is_compiling()  # out-of-place while traced: the compiler fuses it anyway
             g = None
             if gcat is not None and ranges == ((0, W.shape[0]),):
                 g = gcat.to(cd)
             elif gcat is not None:
-                g = torch.ones(W.shape[0], dtype=cd, device=gcat.device)
-                offset = 0
+                pieces, offset, last = [], 0, 0
                 for start, stop in ranges:
-                    g[start:stop] = gcat[offset : offset + stop - start]
-                    offset += stop - start
+                    pieces += [gcat.new_ones(start - last), gcat[offset : offset + stop - start]]
+                    offset, last = offset + stop - start, stop
+                g = torch.cat(pieces + [gcat.new_ones(W.shape[0] - last)]).to(cd)
             if g is None:
                 out = F.linear(x, W, b)
-                out.addmm_(h, Bs.t())
+                out = torch.addmm(out, h, Bs.t()) if pure else out.addmm_(h, Bs.t())
             elif mode == "weight":
                 out = F.linear(x, W * g[:, None], b)
-                out.addmm_(h, (Bs * g[:, None]).t())
+                out = torch.addmm(out, h, (Bs * g[:, None]).t()) if pure else out.addmm_(h, (Bs * g[:, None]).t())
+            elif pure:
+                out = torch.addmm(torch.mm(x, W.t()), h, Bs.t()) * g
+                if b is not None:
+                    out = out + b
             else:
                 out = torch.mm(x, W.t())
                 out.addmm_(h, Bs.t())

@@ -385,9 +385,7 @@ class AdaptedLinear(nn.Linear):
                     "before training"
                 )
             return y
-        # torch.compile traces the plain-autograd path and fuses its small ops itself: on torch 2.11 (CUDA)
-        # the hand-written backward of the fused path came out of the compiler with zero adapter gradients
-        if fused.fused_enabled() and fused.fusable(self) and not torch.compiler.is_compiling():
+        if fused.fused_enabled() and fused.fusable(self):  # inside torch.compile: set_execution(compiled=)
             return fused.fused_forward(self, x)
         return self.reference_forward(x)
 

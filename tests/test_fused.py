@@ -248,9 +248,11 @@ def test_execution_settings_are_checked_and_restored():
         fused.set_execution(path="fast")
     with pytest.raises(ValueError, match="unknown scale mode"):
         fused.set_execution(scale="rows")
+    with pytest.raises(ValueError, match="unknown compiled path"):
+        fused.set_execution(compiled="eager")
     before = dict(fused._SETTINGS)
-    with fused.execution(path="reference", scale="weight"):
-        assert fused._SETTINGS == {"path": "reference", "scale": "weight", "bank": True}
+    with fused.execution(path="reference", scale="weight", compiled="reference"):
+        assert fused._SETTINGS == {"path": "reference", "scale": "weight", "bank": True, "compiled": "reference"}
     assert before == fused._SETTINGS
 
 
@@ -412,10 +414,11 @@ def test_eject_and_merged_copy_remove_the_bank_hooks():
     assert bank._post_hook not in twin._forward_hooks.values()
 
 
+@pytest.mark.parametrize("compiled_path", ["fused", "reference"])
 @pytest.mark.parametrize("preset", ["lora", "dora", "doran"])
-def test_a_compiled_model_is_one_graph_with_eager_gradients(preset):
-    """torch.compile traces an adapted model (the plain-autograd path) without graph breaks (CPU, the
-    aot_eager backend: no C compiler needed) and computes what the eager fused path computes."""
+def test_a_compiled_model_is_one_graph_with_eager_gradients(preset, compiled_path):
+    """torch.compile traces an adapted model (either path) without graph breaks (CPU, the aot_eager
+    backend: no C compiler needed) and computes what the eager fused path computes."""
     torch.manual_seed(0)
     model = QKV()
     doran.inject(model, doran.AdapterConfig.preset(preset, r=4, targets=("qkv",)))
@@ -426,8 +429,9 @@ def test_a_compiled_model_is_one_graph_with_eager_gradients(preset):
     expect = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    out = compiled(x)
-    out.sum().backward()
+    with fused.execution(compiled=compiled_path):
+        out = compiled(x)
+        out.sum().backward()
     torch.testing.assert_close(out, ref)
     for n, p in model.named_parameters():
         if p.grad is not None:
