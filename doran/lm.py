@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import doran
 
 from . import commonsense as cs
+from .compiling import CompiledRunner, check_compile
 from .training import derive_seed, rng_state, set_rng_state
 
 RANDOM_LLAMA = "random-llama"
@@ -276,13 +277,17 @@ class CausalLMModule(pl.LightningModule):
         lr, weight_decay, warmup_steps: AdamW and a linear warm-up, then linear decay to 0 (DoRA's recipe).
         gradient_checkpointing: recompute activations in backward (non-reentrant).
         seed: adapters are initialised from a stream derived from it (methods paired by seed).
+        compile: how the model runs (``doran.compiling``): ``"auto"`` compiles with CUDA graphs on one GPU or
+            under DDP and runs eager on a CPU and under FSDP; ``"none"``, ``"default"``, ``"reduce-overhead"``,
+            ``"aot_eager"``.
         model, tokenizer: already built objects (tests, the real-model demo); not hyper-parameters.
     """
 
     def __init__(self, lm: dict[str, Any], method: str, adapter: dict[str, Any], lr: float = 2e-4,
                  weight_decay: float = 0.0, warmup_steps: int = 100, gradient_checkpointing: bool = False,
-                 seed: int = 0, model: nn.Module | None = None, tokenizer: Any = None):
+                 seed: int = 0, compile: str = "auto", model: nn.Module | None = None, tokenizer: Any = None):
         super().__init__()
+        check_compile(compile)
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         if model is None:
             model, tokenizer = build_causal_lm(**lm)
@@ -301,10 +306,23 @@ class CausalLMModule(pl.LightningModule):
         self.model = model
         self.nonfinite: dict[str, Any] | None = None
         self.strict_loading = False  # checkpoints hold adapter tensors only
+        self._runner: tuple[CompiledRunner, ...] = ()  # a tuple: the compiled wrapper is no submodule
+
+    @property
+    def runner(self) -> CompiledRunner:
+        """The model as it runs (compiled or not, ``doran.compiling``), built on first use on its device."""
+        if not self._runner or self._runner[0].device_type != self.device.type:
+            trainer = self._trainer
+            sharded = trainer is not None and type(trainer.strategy).__name__.startswith("FSDP")
+            self._runner = (CompiledRunner(self.model, self.hparams.compile, self.device.type, sharded),)
+        return self._runner[0]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
+        runner = self.runner
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        batch = runner.prepare(batch, pad_id=0 if pad is None else pad)
+        return runner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"]).loss
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self(batch)

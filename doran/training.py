@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import doran
+from doran.compiling import CompiledRunner, check_compile
 
 # ---------------------------------------------------------------------------------------------------------
 # Seeds and pairing
@@ -322,6 +323,8 @@ class AdapterClassifier(pl.LightningModule):
         warmup_ratio / warmup_steps: linear warm-up length (steps win if > 0), then cosine to ``min_lr_ratio``.
         label_smoothing: cross-entropy label smoothing.
         seed: pairs methods: the head and the adapters are initialised from streams derived from it.
+        compile: how the model runs (``doran.compiling``): ``"auto"`` compiles with CUDA graphs on a GPU
+            and runs eager on a CPU; ``"none"``, ``"default"``, ``"reduce-overhead"``, ``"aot_eager"``.
         model: an already built backbone (tests); not a hyper-parameter.
 
     Batches are dicts with ``labels`` and either ``input_ids``/``attention_mask`` or ``pixel_values``.
@@ -342,9 +345,11 @@ class AdapterClassifier(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         label_smoothing: float = 0.0,
         seed: int = 0,
+        compile: str = "auto",
         model: nn.Module | None = None,
     ):
         super().__init__()
+        check_compile(compile)
         self.save_hyperparameters(ignore=["model"])
         if model is None:
             model, _, _ = build_backbone(num_classes=num_classes, **backbone)
@@ -358,12 +363,22 @@ class AdapterClassifier(pl.LightningModule):
         self.adapter_config = cfg
         self.strict_loading = False  # checkpoints hold adapter tensors only
         self.nonfinite: dict[str, Any] | None = None  # set by training_step when the loss is NaN/inf
+        self._runner: tuple[CompiledRunner, ...] = ()  # a tuple: the compiled wrapper is no submodule
+
+    @property
+    def runner(self) -> CompiledRunner:
+        """The model as it runs (compiled or not, ``doran.compiling``), built on first use on its device."""
+        if not self._runner or self._runner[0].device_type != self.device.type:
+            self._runner = (CompiledRunner(self.model, self.hparams.compile, self.device.type),)
+        return self._runner[0]
 
     # ----------------------------------------------------------------- steps
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        runner = self.runner
         if "pixel_values" in batch:
-            return self.model(batch["pixel_values"])  # (B, C)
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            return runner.model(batch["pixel_values"])  # (B, C)
+        batch = runner.prepare(batch)
+        out = runner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits  # (B, C)
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

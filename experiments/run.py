@@ -361,6 +361,7 @@ def run(
         min_lr_ratio=t["min_lr_ratio"],
         label_smoothing=t["label_smoothing"],
         seed=cfg["seed"],
+        compile=rt["compile"],
         model=model,
     )
 
@@ -465,7 +466,8 @@ def run(
         "epoch_train_wall_s": epochs["train_wall_s"],
         "epoch_train_cpu_s": epochs["train_cpu_s"],
         "peak_memory": results.peak_memory(),
-        "device": {**results.device_info(), "precision": precision},
+        "device": {**results.device_info(), "precision": precision,
+                   "compile": module.runner.mode if module._runner else rt["compile"]},
         "env": results.environment(),
         "artifacts": artifacts,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

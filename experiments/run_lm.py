@@ -158,6 +158,7 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
         warmup_steps=t["warmup_steps"],
         gradient_checkpointing=t["gradient_checkpointing"],
         seed=cfg["seed"],
+        compile=rt["compile"],
     )
     data = CommonsenseData(
         module.tokenizer,
@@ -292,6 +293,7 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
             "precision": precision,
             "devices": t["devices"],
             "strategy": t["strategy"],
+            "compile": module.runner.mode if module._runner else rt["compile"],
         },
         "env": results.environment(),
         "artifacts": artifacts,

@@ -1,0 +1,85 @@
+"""How the Lightning modules run the adapted model: eager, or whole-model ``torch.compile``.
+
+``compile`` (a hyper-parameter of ``AdapterClassifier`` and ``CausalLMModule``):
+
+``"auto"`` (default)   ``"reduce-overhead"`` on a CUDA device, ``"none"`` elsewhere and under a sharding
+                       strategy (FSDP). On a GPU the eager step is bound by the host launching kernels one at
+                       a time (docs/benchmarks.md); compiled, DoRAN's small ops are fused (doran/fused.py's
+                       autograd nodes are traced) and CUDA graphs replay forward and backward in one launch.
+``"none"``             eager, the fused path and the adapter bank.
+``"default"``          ``torch.compile`` with Inductor, no CUDA graphs.
+``"reduce-overhead"``  Inductor plus CUDA graphs.
+``"aot_eager"``        the compiler's tracing without code generation (debugging; tests on a machine
+                       without a C compiler).
+
+CUDA graphs are recorded per input shape, so under ``"reduce-overhead"`` token batches are padded on the
+right to a multiple of ``TOKEN_MULTIPLE`` (attention mask 0, label -100: the loss and the logits of the
+real tokens do not change), which bounds the number of shapes to ``max_length / TOKEN_MULTIPLE``. The
+first steps of each shape and of each mode (training, evaluation) pay the compilation (tens of seconds).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "aot_eager")
+TOKEN_MULTIPLE = 64
+
+
+def check_compile(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; choose one of {COMPILE_MODES} (\"none\" runs eager)")
+    return mode
+
+
+def resolve_compile(mode: str, device_type: str, sharded: bool = False) -> str:
+    """The mode ``"auto"`` stands for on this device: reduce-overhead on CUDA, none on CPU or when sharded."""
+    check_compile(mode)
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if device_type == "cuda" and not sharded else "none"
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """``model`` itself for ``"none"``, else its ``torch.compile`` wrapper (which shares its parameters)."""
+    if mode == "none":
+        return model
+    if mode == "aot_eager":
+        return torch.compile(model, backend="aot_eager")
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def pad_tokens(batch: dict[str, Any], multiple: int = TOKEN_MULTIPLE, pad_id: int = 0) -> dict[str, Any]:
+    """Right-pad ``input_ids`` / ``attention_mask`` (and token ``labels`` with -100) to a multiple of
+    ``multiple`` positions; other entries are returned as they are."""
+    ids = batch["input_ids"]
+    extra = (-ids.shape[1]) % multiple
+    if extra == 0:
+        return batch
+    out = dict(batch)
+    out["input_ids"] = nn.functional.pad(ids, (0, extra), value=pad_id)
+    out["attention_mask"] = nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
+    labels = batch.get("labels")
+    if labels is not None and labels.shape == ids.shape:  # token labels (causal LM); class labels stay
+        out["labels"] = nn.functional.pad(labels, (0, extra), value=-100)
+    return out
+
+
+class CompiledRunner:
+    """The model as the Lightning module runs it, built on first use (when the device is known).
+
+    Kept in a tuple by the modules so that the compiled wrapper is not registered as a submodule (the
+    checkpoints hold the adapter of ``module.model`` under its own names)."""
+
+    def __init__(self, model: nn.Module, mode: str, device_type: str, sharded: bool = False) -> None:
+        self.device_type = device_type
+        self.mode = resolve_compile(mode, device_type, sharded)
+        self.model = compile_model(model, self.mode)
+
+    def prepare(self, batch: dict[str, Any], pad_id: int = 0) -> dict[str, Any]:
+        if self.mode == "reduce-overhead" and "input_ids" in batch:
+            return pad_tokens(batch, TOKEN_MULTIPLE, pad_id)
+        return batch

@@ -1,0 +1,148 @@
+"""How the Lightning modules run the model: the compile modes, token padding for CUDA graphs, and a
+compiled module training as the eager one does (CPU: the aot_eager backend, no C compiler needed)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import doran
+from doran.compiling import TOKEN_MULTIPLE, CompiledRunner, pad_tokens, resolve_compile
+from doran.lm import CausalLMModule
+from doran.training import AdapterClassifier, build_text_model, build_timm
+from tests.test_lm import TINY
+from tests.test_training import _datamodule, _module, _trainer
+
+
+@pytest.mark.parametrize("mode, device, sharded, expected", [
+    ("auto", "cuda", False, "reduce-overhead"),
+    ("auto", "cpu", False, "none"),
+    ("auto", "cuda", True, "none"),  # FSDP: eager
+    ("default", "cpu", False, "default"),
+    ("none", "cuda", False, "none"),
+])
+def test_auto_compiles_with_cuda_graphs_on_a_gpu_only(mode, device, sharded, expected):
+    assert resolve_compile(mode, device, sharded) == expected
+
+
+def test_unknown_compile_mode_is_a_clear_error_before_any_work():
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'.*none"):
+        resolve_compile("fast", "cpu")
+    model, _, _ = build_text_model("random-bert", 2)
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        AdapterClassifier(backbone={"kind": "text", "name": "random-bert"}, method="lora", adapter={"r": 2},
+                          num_classes=2, compile="fast", model=model)
+
+
+def test_token_padding_keeps_class_labels_and_masks_the_new_positions():
+    batch = {"input_ids": torch.arange(10).view(2, 5) + 1, "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "labels": torch.tensor([0, 1])}
+    out = pad_tokens(batch, 4, pad_id=9)
+    assert out["input_ids"].shape == (2, 8)
+    assert out["input_ids"][:, 5:].eq(9).all() and out["attention_mask"][:, 5:].eq(0).all()
+    assert torch.equal(out["input_ids"][:, :5], batch["input_ids"]) and torch.equal(out["labels"], batch["labels"])
+    tokens = {**batch, "labels": batch["input_ids"].clone()}
+    assert pad_tokens(tokens, 4)["labels"][:, 5:].eq(-100).all()  # token labels: ignored by the loss
+    assert pad_tokens(out, 4) is out  # already a multiple: untouched
+
+
+def test_padding_does_not_change_the_logits_of_a_classifier():
+    """Under CUDA graphs token batches are padded to a multiple of TOKEN_MULTIPLE; the masked positions
+    must not change the prediction (float32, random BERT)."""
+    module = _module("doran")
+    module.eval()
+    batch = {"input_ids": torch.randint(5, 90, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0])}
+    batch["attention_mask"][1, 7:] = 0
+    runner = CompiledRunner(module.model, "none", "cpu")
+    runner.mode = "reduce-overhead"  # only its padding; the model itself runs eager here
+    padded = runner.prepare(batch)
+    assert padded["input_ids"].shape[1] == TOKEN_MULTIPLE
+    with torch.no_grad():
+        plain = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        wide = module.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    torch.testing.assert_close(wide, plain, rtol=1e-5, atol=1e-6)
+
+
+def _fit(tokenizer, compile_mode):
+    module = _module("doran")
+    module.hparams.compile = compile_mode
+    pl.seed_everything(0)
+    _trainer(max_steps=3, accelerator="cpu").fit(module, datamodule=_datamodule(tokenizer))
+    return module
+
+
+def test_a_compiled_classifier_trains_the_adapter_the_eager_one_trains():
+    tokenizer = build_text_model("random-bert", 2)[1]
+    eager = _fit(tokenizer, "none")
+    compiled = _fit(tokenizer, "aot_eager")
+    assert eager.runner.mode == "none" and compiled.runner.mode == "aot_eager"
+    assert isinstance(compiled.runner.model, torch._dynamo.eval_frame.OptimizedModule)
+    got = {n: p for n, p, _ in doran.named_adapter_parameters(compiled.model)}
+    for name, p, _ in doran.named_adapter_parameters(eager.model):
+        torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-6, msg=name)
+    # the compiled wrapper is not a submodule: state dict and checkpoints keep the adapter's own names
+    assert not any("_orig_mod" in k or "runner" in k for k in compiled.state_dict())
+    assert set(compiled.state_dict()) == set(eager.state_dict())
+
+
+def test_the_language_model_module_compiles_too():
+    torch.manual_seed(0)
+    module = CausalLMModule(lm=TINY, method="doran", adapter=dict(r=4, alpha=8, targets=("q_proj", "v_proj")),
+                            compile="aot_eager")
+    ids = torch.randint(3, 200, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    loss = module(batch)
+    loss.backward()
+    assert module.runner.mode == "aot_eager" and torch.isfinite(loss)
+    grads = [p.grad for _, p, _ in doran.named_adapter_parameters(module.model)]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    module._runner, module.hparams.compile = (), "none"
+    torch.testing.assert_close(loss, module(batch), rtol=1e-5, atol=1e-6)
+
+
+def _vit_module():
+    torch.manual_seed(0)
+    model, _ = build_timm("vit_tiny_patch16_224", 3, pretrained=False, img_size=32, patch_size=8, depth=2)
+    return AdapterClassifier(backbone={}, method="doran", adapter={"r": 2, "alpha": 4, "targets": ["qkv"]},
+                             num_classes=3, head="head", trainable=["head"], lr=1e-2, seed=0, model=model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_a_gpu_trains_with_cuda_graphs_and_eager_gradients():
+    """The default on a GPU (reduce-overhead), on a tiny ViT: Lightning trains through it, and its gradients
+    are eager's (float32; compared per step, since Adam turns rounding noise on near-zero gradients into
+    lr-sized moves)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 3, (24,), generator=g)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8,
+                        collate_fn=lambda items: {"pixel_values": torch.stack([i for i, _ in items]),
+                                                  "labels": torch.stack([y for _, y in items])})
+    modes = set()
+
+    class Mode(pl.Callback):  # Lightning moves the module back to the CPU after fit: look during it
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            modes.add(pl_module.runner.mode)
+
+    module = _vit_module()
+    before = {n: p.detach().clone() for n, p, _ in doran.named_adapter_parameters(module.model)}
+    _trainer(callbacks=[Mode()], max_steps=3, accelerator="gpu", devices=1).fit(module, train_dataloaders=loader)
+    assert modes == {"reduce-overhead"}
+    assert any(not torch.equal(p.cpu(), before[n]) for n, p, _ in doran.named_adapter_parameters(module.model))
+
+    batch = {"pixel_values": images[:8].cuda(), "labels": labels[:8].cuda()}
+    grads = []
+    for mode in ("none", "auto"):
+        module = _vit_module().cuda().eval()  # no dropout: the same function in both modes
+        module.hparams.compile = mode
+        for _ in range(3):  # CUDA graphs are recorded on a later call
+            module.zero_grad(set_to_none=True)
+            module.model_step(batch)[0].backward()
+        grads.append({n: p.grad.clone() for n, p, _ in doran.named_adapter_parameters(module.model)})
+    assert module.runner.mode == "reduce-overhead"
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-6, msg=name)
