@@ -3,7 +3,8 @@
     python -m benchmarks.plot            # figures/bench_step_time.{png,pdf}, figures/bench_layer_sweep.{png,pdf}
 
 ``bench_step_time``: per workload (ViT-B/16, LLaMA-shaped), wall step time and GPU-busy time of every
-variant, as ratios to our LoRA in the same run. ``bench_layer_sweep``: the single-layer sweep, DoRAN's
+variant, eager and compiled (torch.compile with CUDA graphs, the Lightning modules' default on a GPU), as
+ratios to our LoRA in the same run and the same execution mode. ``bench_layer_sweep``: the single-layer sweep, DoRAN's
 GPU-busy time over LoRA's against tokens per step, with g applied to the weight and to the output.
 """
 
@@ -20,9 +21,11 @@ import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {
-    "lora": "our LoRA", "dora": "our DoRA", "doran": "our DoRAN",
-    "doran@nobank": "DoRAN, no bank", "doran@reference": "DoRAN, reference path",
-    "peft-lora": "PEFT LoRA", "peft-dora": "PEFT DoRA",
+    "lora@compile-ro": "our LoRA, compiled", "dora@compile-ro": "our DoRA, compiled",
+    "doran@compile-ro": "our DoRAN, compiled", "doran@compile-ro-ref": "DoRAN, compiled reference path",
+    "lora": "our LoRA, eager", "dora": "our DoRA, eager", "doran": "our DoRAN, eager",
+    "doran@nobank": "DoRAN, eager, no bank", "doran@reference": "DoRAN, eager reference path",
+    "peft-lora": "PEFT LoRA, eager", "peft-dora": "PEFT DoRA, eager",
 }
 WORKLOAD_TITLES = {"vit": "ViT-B/16, batch 64, qkv q/v, r 8", "llama": "LLaMA-shaped 4 layers, 4 x 512, q/v, r 16"}
 
@@ -35,6 +38,7 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_step_time(results: dict, out: Path) -> None:
+    """``results``: {"workloads": {name: rows}, "device": ...} (the workloads may come from several files)."""
     workloads = [w for w in ("vit", "llama") if w in results["workloads"]]
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.2 * len(workloads), 4.2), squeeze=False)
     for ax, w in zip(axes[0], workloads):
@@ -43,21 +47,26 @@ def plot_step_time(results: dict, out: Path) -> None:
         y = range(len(names))
         wall = [rows[v]["step_ms_median_vs_lora"] for v in names]
         busy = [rows[v]["gpu_busy_ms_vs_lora"] for v in names]
-        ax.barh([i + 0.2 for i in y], wall, height=0.38, color="#4c72b0", label="wall step time")
-        ax.barh([i - 0.2 for i in y], busy, height=0.38, color="#dd8452", label="GPU-busy time")
+        hatch = ["//" if "@compile" in v else "" for v in names]
+        ax.barh([i + 0.2 for i in y], wall, height=0.38, color="#4c72b0", hatch=hatch, label="wall step time")
+        ax.barh([i - 0.2 for i in y], busy, height=0.38, color="#dd8452", hatch=hatch, label="GPU-busy time")
         for i, v in enumerate(names):
             ax.text(wall[i] + 0.03, i + 0.2, f"{rows[v]['step_ms_median']:.1f} ms", va="center", fontsize=8)
             ax.text(busy[i] + 0.03, i - 0.2, f"{rows[v]['gpu_busy_ms']:.1f} ms", va="center", fontsize=8)
         ax.axvline(1.0, color="black", lw=0.8)
+        ax.axvline(1.10, color="grey", lw=0.6, ls="--")  # the wall-time target
         ax.set_yticks(list(y), [LABELS[v] for v in names])
         ax.invert_yaxis()
-        ax.set_xlabel("x our LoRA (same run)")
+        ax.set_xlabel("x our LoRA in the same mode (same run); dashed: 1.10")
         ax.set_title(WORKLOAD_TITLES.get(w, w), fontsize=10)
         ax.set_xlim(0, max(wall + busy) * 1.25)
-    axes[0][0].legend(loc="lower right", fontsize=8)
+    from matplotlib.patches import Patch
+
+    axes[0][0].legend(handles=[Patch(color="#4c72b0", label="wall step time"),
+                               Patch(color="#dd8452", label="GPU-busy time")], loc="lower right", fontsize=8)
     fig.subplots_adjust(wspace=0.55)
-    fig.suptitle(f"Adapter-only training step, eager, bf16 autocast; {results['device'].get('cuda_device', '')}",
-                 fontsize=11)
+    fig.suptitle("Adapter-only training step, bf16 autocast; hatched: torch.compile + CUDA graphs; "
+                 f"{results['device'].get('cuda_device', '')}", fontsize=11)
     _save(fig, out)
 
 
@@ -91,13 +100,16 @@ def plot_layer_sweep(results: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=str(ROOT / "benchmarks/results/gpu-h100-eager.json"))
+    parser.add_argument("--models", nargs="+", default=[str(ROOT / f"benchmarks/results/gpu-h100-{w}.json")
+                                                         for w in ("vit", "llama")])
     parser.add_argument("--layers", default=str(ROOT / "benchmarks/results/gpu-h100-layer-sweep.json"))
     parser.add_argument("--out", default=str(ROOT / "figures"))
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if Path(args.models).exists():
-        plot_step_time(json.loads(Path(args.models).read_text()), out / "bench_step_time")
+    files = [json.loads(Path(f).read_text()) for f in args.models if Path(f).exists()]
+    if files:
+        merged = {"device": files[0]["device"], "workloads": {w: r for f in files for w, r in f["workloads"].items()}}
+        plot_step_time(merged, out / "bench_step_time")
         print(f"[plot] {out / 'bench_step_time'}.png")
     if Path(args.layers).exists():
         plot_layer_sweep(json.loads(Path(args.layers).read_text()), out / "bench_layer_sweep")
