@@ -206,7 +206,8 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
                  profile_steps: int = 5) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach: the multi-tensor AdamW that CUDA uses by default (the host proxy asks for it on CPU too)
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=work.get("foreach")) if params else None
+    kind = {"fused": True} if work.get("adam") == "fused" else {"foreach": work.get("foreach")}
+    opt = torch.optim.AdamW(params, lr=1e-4, **kind) if params else None
 
     def step() -> None:
         if opt is None:  # nothing trainable (the base LLaMA): forward only
@@ -288,8 +289,10 @@ INFER_STEPS = 50
 
 
 def run_workload(name: str, variants: list[str], device: str, steps: int, warmup: int,
-                 inference: bool = False, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 inference: bool = False, on_row: Callable[[dict[str, Any]], None] | None = None,
+                 adam: str = "foreach") -> dict[str, Any]:
     work = WORKLOADS[name](device)
+    work["adam"] = adam
     work["model"] = work["model"].to(device)
     with torch.no_grad(), autocast(device):
         reference = work["out"](work["model"]).float()
@@ -425,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", nargs="+", type=int, default=[768, 2048, 4096, 8192])
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 64, 256])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096, 16384])
+    parser.add_argument("--adam", choices=("foreach", "fused"), default="foreach",
+                        help="AdamW implementation for every variant (fused: one CUDA kernel for all tensors)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -452,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_json(args.out, {**results, "workloads": {**results["workloads"], name: rows}})
 
         results["workloads"][name] = run_workload(name, args.variants, device, args.steps, args.warmup,
-                                                  args.inference, on_row=partial)
+                                                  args.inference, on_row=partial, adam=args.adam)
         if args.out:
             atomic_write_json(args.out, {**results, "table": table(results)})
     if args.layer_sweep:
