@@ -10,8 +10,8 @@ shift || true
 parts=${*:-tests vit llama sweep}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-VARIANTS="lora dora doran lora@compile-ro dora@compile-ro doran@compile-ro doran@compile-ro-ref peft-lora peft-dora
-          base doran@nobank doran@reference"
+VARIANTS="lora dora doran lora@compile-ro dora@compile-ro doran@compile-ro doran@compile-ro-nobank
+          doran@compile-ro-ref peft-lora peft-dora base doran@nobank doran@reference"
 for part in $parts; do
     case $part in
         tests)

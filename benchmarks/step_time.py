@@ -106,7 +106,7 @@ WORKLOADS: dict[str, Callable[[str], dict[str, Any]]] = {"vit": vit_workload, "l
 
 # ------------------------------------------------------------------------------------------------ variants
 EXEC_MODES = ("fused", "nobank", "reference", "weight", "output", "compile", "compile-ro", "compile-ref",
-              "compile-ro-ref")
+              "compile-ro-ref", "compile-nobank", "compile-ro-nobank")
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -131,7 +131,9 @@ def execution_for(variant: str):
         return execution(path="fused", scale=mode)
     if mode.endswith("-ref"):  # compiled, tracing the plain-autograd path
         return execution(path="fused", scale="auto", bank=True, compiled="reference")
-    return execution(path="fused", scale="auto", bank=True, compiled="fused")
+    if mode.endswith("-nobank"):  # compiled, each slice its own factors and norm
+        return execution(path="fused", scale="auto", bank=True, compiled="fused", compiled_bank=False)
+    return execution(path="fused", scale="auto", bank=True, compiled="fused", compiled_bank=True)
 
 
 def build_variant(work: dict[str, Any], variant: str, device: str) -> nn.Module:
@@ -156,9 +158,9 @@ def build_variant(work: dict[str, Any], variant: str, device: str) -> nn.Module:
         cfg = doran.AdapterConfig.preset(variant, r=work["r"], alpha=2 * work["r"], targets=work["targets"])
         doran.inject(model, cfg, trainable=work["head"])
     model = model.to(device)
-    if mode in ("compile", "compile-ref"):
+    if mode in ("compile", "compile-ref", "compile-nobank"):
         model = torch.compile(model)
-    elif mode in ("compile-ro", "compile-ro-ref"):  # CUDA graphs of the compiled forward and backward
+    elif mode in ("compile-ro", "compile-ro-ref", "compile-ro-nobank"):  # CUDA graphs of the compiled forward and backward
         model = torch.compile(model, mode="reduce-overhead")
     return model
 
@@ -324,7 +326,7 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
     for variant, row in rows.items():  # ratios to our LoRA in the same execution mode
         _, mode = split_variant(variant)
         lora = rows.get("lora" if mode == "fused" else f"lora@{mode}") or \
-            rows.get(f"lora@{mode.removesuffix('-ref')}") or rows.get("lora")
+            rows.get(f"lora@{mode.removesuffix('-ref').removesuffix('-nobank')}") or rows.get("lora")
         if lora:
             for key in ("step_ms_median", "gpu_busy_ms", "peak_mem_mib"):
                 if row.get(key) is not None and lora.get(key):

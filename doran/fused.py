@@ -35,7 +35,7 @@ three bf16 parts, exact to float32 rounding), instead of upcasting W0: the GEMMs
 precision. Elsewhere (CPU, float16, float64) W0 is upcast in 16 MiB row blocks as in the reference.
 
 Under ``torch.compile`` the compiler traces these nodes (forward and hand-written backward) and fuses
-their small ops; the adapter bank stands aside there. The forward is written out of place while traced:
+their small ops, and the adapter bank's batched computation is traced with them. The forward is written out of place while traced:
 on torch 2.11 with CUDA the in-place updates of the freshly computed output (``addmm_``, ``mul_``) were
 lost in the compiled graph, so the adapter did not reach the output and every adapter gradient was zero
 (benchmarks/compile_probe.py; the GPU test tests/test_fused.py::test_compiled_gradients_on_cuda_match_eager
@@ -53,13 +53,14 @@ import torch.nn.functional as F
 from . import bank as _bank  # circular (bank uses this module at call time only)
 
 _TINY = 1e-30
-_SETTINGS: dict[str, Any] = {"path": "fused", "scale": "auto", "bank": True, "compiled": "fused"}
+_SETTINGS: dict[str, Any] = {"path": "fused", "scale": "auto", "bank": True, "compiled": "fused",
+                             "compiled_bank": True}
 _PATHS = ("fused", "reference")
 _SCALES = ("auto", "weight", "output")
 
 
 def set_execution(path: str | None = None, scale: str | None = None, bank: bool | None = None,
-                  compiled: str | None = None) -> dict[str, Any]:
+                  compiled: str | None = None, compiled_bank: bool | None = None) -> dict[str, Any]:
     """Choose how adapted layers run; returns the previous settings.
 
     ``path``: ``"fused"`` (default; LoRA and the DoRA family, without Pre-Diag's diagonal or SORA's
@@ -68,7 +69,8 @@ def set_execution(path: str | None = None, scale: str | None = None, bank: bool 
     of all slices of a model batched, once per forward (doran/bank.py; default True). ``compiled``: the path
     a model takes inside ``torch.compile``, ``"fused"`` (default: these autograd nodes, traced and fused by
     the compiler) or ``"reference"`` (the compiler traces plain autograd; it keeps z for the backward, so
-    it uses more memory). All settings compute the same function.
+    it uses more memory). ``compiled_bank``: whether a compiled model traces the bank's batched
+    computation (default True) or each slice's own. All settings compute the same function.
     """
     previous = dict(_SETTINGS)
     if path is not None:
@@ -85,14 +87,16 @@ def set_execution(path: str | None = None, scale: str | None = None, bank: bool 
         if compiled not in _PATHS:
             raise ValueError(f"unknown compiled path {compiled!r}; choose one of {_PATHS}")
         _SETTINGS["compiled"] = compiled
+    if compiled_bank is not None:
+        _SETTINGS["compiled_bank"] = bool(compiled_bank)
     return previous
 
 
 @contextmanager
 def execution(path: str | None = None, scale: str | None = None, bank: bool | None = None,
-              compiled: str | None = None):
+              compiled: str | None = None, compiled_bank: bool | None = None):
     """Context manager form of :func:`set_execution`."""
-    previous = set_execution(path, scale, bank, compiled)
+    previous = set_execution(path, scale, bank, compiled, compiled_bank)
     try:
         yield
     finally:
@@ -101,6 +105,11 @@ def execution(path: str | None = None, scale: str | None = None, bank: bool | No
 
 def bank_enabled() -> bool:
     return _SETTINGS["path"] == "fused" and _SETTINGS["bank"]
+
+
+def compiled_bank() -> bool:
+    """Whether a compiled model traces the bank's batched computation (else each slice its own)."""
+    return _SETTINGS["compiled_bank"] and _SETTINGS["compiled"] == "fused"
 
 
 def fused_enabled() -> bool:

@@ -252,7 +252,8 @@ def test_execution_settings_are_checked_and_restored():
         fused.set_execution(compiled="eager")
     before = dict(fused._SETTINGS)
     with fused.execution(path="reference", scale="weight", compiled="reference"):
-        assert fused._SETTINGS == {"path": "reference", "scale": "weight", "bank": True, "compiled": "reference"}
+        assert fused._SETTINGS == {"path": "reference", "scale": "weight", "bank": True, "compiled": "reference",
+                                   "compiled_bank": True}
     assert before == fused._SETTINGS
 
 
@@ -414,11 +415,12 @@ def test_eject_and_merged_copy_remove_the_bank_hooks():
     assert bank._post_hook not in twin._forward_hooks.values()
 
 
-@pytest.mark.parametrize("compiled_path", ["fused", "reference"])
+@pytest.mark.parametrize("compiled_path", ["fused", "fused-nobank", "reference"])
 @pytest.mark.parametrize("preset", ["lora", "dora", "doran"])
 def test_a_compiled_model_is_one_graph_with_eager_gradients(preset, compiled_path):
-    """torch.compile traces an adapted model (either path) without graph breaks (CPU, the aot_eager
-    backend: no C compiler needed) and computes what the eager fused path computes."""
+    """torch.compile traces an adapted model (the fused path with the bank's batched computation in the
+    graph, without it, or the reference path) without graph breaks (CPU, the aot_eager backend: no C
+    compiler needed) and computes what the eager fused path computes."""
     torch.manual_seed(0)
     model = QKV()
     doran.inject(model, doran.AdapterConfig.preset(preset, r=4, targets=("qkv",)))
@@ -429,13 +431,45 @@ def test_a_compiled_model_is_one_graph_with_eager_gradients(preset, compiled_pat
     expect = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    with fused.execution(compiled=compiled_path):
+    path, _, nobank = compiled_path.partition("-")
+    with fused.execution(compiled=path, compiled_bank=not nobank):
         out = compiled(x)
         out.sum().backward()
     torch.testing.assert_close(out, ref)
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, expect[n], msg=n)
+
+
+@pytest.mark.parametrize("compiled_bank", [True, False])
+def test_a_compiled_model_traces_the_bank_into_its_graph(compiled_bank, monkeypatch):
+    """Compiled, the layers take their factors and row scales from the bank's traced computation (or, if
+    switched off, compute their own); gradients equal eager's either way."""
+    from doran import bank
+
+    served = []
+    original = bank.banked
+
+    def spy(ad):
+        got = original(ad)
+        if torch.compiler.is_compiling():
+            served.append(got is not None)
+        return got
+
+    monkeypatch.setattr(bank, "banked", spy)
+    torch.manual_seed(0)
+    model = Blocks(d=8).double()
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
+    _perturb(model)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with fused.execution(compiled="fused", compiled_bank=compiled_bank):
+        ref = _outputs_and_grads(model, x, "fused")
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        out, dx, grads = _outputs_and_grads(compiled, x, "fused")
+    got = (out, dx, {n.removeprefix("_orig_mod."): g for n, g in grads.items()})
+    assert served and set(served) == {compiled_bank}  # 4 slices, each served by the bank or not
+    _assert_same(got, ref)
 
 
 @pytest.mark.gpu
