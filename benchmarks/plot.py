@@ -4,7 +4,9 @@
 
 ``bench_step_time``: per workload (ViT-B/16, LLaMA-shaped), wall step time and GPU-busy time of every
 variant, eager and compiled (torch.compile with CUDA graphs, the Lightning modules' default on a GPU), as
-ratios to our LoRA in the same run and the same execution mode. ``bench_layer_sweep``: the single-layer sweep, DoRAN's
+ratios to our LoRA in the same run and the same execution mode. The compiled rows come from the
+``*-compiled.json`` files where they exist (the later measurement of the compiled default), the eager rows
+from ``gpu-h100-{vit,llama}.json``. ``bench_layer_sweep``: the single-layer sweep, DoRAN's
 GPU-busy time over LoRA's against tokens per step, with g applied to the weight and to the output.
 """
 
@@ -22,7 +24,8 @@ import matplotlib.pyplot as plt
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {
     "lora@compile-ro": "our LoRA, compiled", "dora@compile-ro": "our DoRA, compiled",
-    "doran@compile-ro": "our DoRAN, compiled", "doran@compile-ro-ref": "DoRAN, compiled reference path",
+    "doran@compile-ro": "our DoRAN, compiled", "doran@compile-ro-nobank": "DoRAN, compiled, no bank",
+    "doran@compile-ro-ref": "DoRAN, compiled reference path",
     "lora": "our LoRA, eager", "dora": "our DoRA, eager", "doran": "our DoRAN, eager",
     "doran@nobank": "DoRAN, eager, no bank", "doran@reference": "DoRAN, eager reference path",
     "peft-lora": "PEFT LoRA, eager", "peft-dora": "PEFT DoRA, eager",
@@ -65,8 +68,8 @@ def plot_step_time(results: dict, out: Path) -> None:
     axes[0][0].legend(handles=[Patch(color="#4c72b0", label="wall step time"),
                                Patch(color="#dd8452", label="GPU-busy time")], loc="lower right", fontsize=8)
     fig.subplots_adjust(wspace=0.55)
-    fig.suptitle("Adapter-only training step, bf16 autocast; hatched: torch.compile + CUDA graphs; "
-                 f"{results['device'].get('cuda_device', '')}", fontsize=11)
+    fig.suptitle("Adapter-only training step, bf16 autocast; hatched: torch.compile + CUDA graphs (ratios to "
+                 f"LoRA of the same run and mode); {results['device'].get('cuda_device', '')}", fontsize=11)
     _save(fig, out)
 
 
@@ -100,15 +103,22 @@ def plot_layer_sweep(results: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=[str(ROOT / f"benchmarks/results/gpu-h100-{w}.json")
-                                                         for w in ("vit", "llama")])
+    parser.add_argument("--models", nargs="+", default=[str(ROOT / f"benchmarks/results/gpu-h100-{f}.json")
+                                                         for f in ("vit", "llama", "vit-compiled", "llama-compiled")])
     parser.add_argument("--layers", default=str(ROOT / "benchmarks/results/gpu-h100-layer-sweep.json"))
     parser.add_argument("--out", default=str(ROOT / "figures"))
     args = parser.parse_args(argv)
     out = Path(args.out)
     files = [json.loads(Path(f).read_text()) for f in args.models if Path(f).exists()]
-    if files:
-        merged = {"device": files[0]["device"], "workloads": {w: r for f in files for w, r in f["workloads"].items()}}
+    if files:  # a workload's rows from its files in order; a later file's compiled rows replace earlier ones
+        merged: dict = {"device": files[0]["device"], "workloads": {}}
+        for f in files:
+            for w, rows in f["workloads"].items():
+                old = merged["workloads"].get(w, {})
+                if any("@compile" in v for v in rows):
+                    old = {v: r for v, r in old.items() if "@compile" not in v}
+                merged["workloads"][w] = {**old, **{v: r for v, r in rows.items() if v in LABELS and
+                                                    ("@compile" in v or v not in old)}}
         plot_step_time(merged, out / "bench_step_time")
         print(f"[plot] {out / 'bench_step_time'}.png")
     if Path(args.layers).exists():
