@@ -202,6 +202,12 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg["fraction"] = check_fraction(cfg["fraction"])
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    try:
+        from doran.compiling import check_compile
+
+        check_compile(cfg["runtime"]["compile"])
+    except ValueError as err:
+        raise ConfigError(f"runtime.compile: {err}") from None
     if m["kind"] not in ("text", "image"):
         raise ConfigError(f"model.kind must be 'text' or 'image', got {m['kind']!r}")
     if d["kind"] not in TEXT_DATA + IMAGE_DATA:

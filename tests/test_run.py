@@ -139,6 +139,7 @@ def test_smoke_profile_is_merged_over_the_defaults():
         ("data.kind=vtab", "does not fit model.kind='text'"),
         ("data.path=/no/such/file.csv", "data.path='/no/such/file.csv' does not exist"),
         ("nonsense", "is not key=value"),
+        ("runtime.compile=fast", r"runtime.compile: unknown compile mode 'fast'; choose one of .*'none'"),
     ],
 )
 def test_bad_config_values_are_errors_naming_the_fix(override, pattern):
