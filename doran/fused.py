@@ -72,23 +72,18 @@ def set_execution(path: str | None = None, scale: str | None = None, bank: bool 
     it uses more memory). ``compiled_bank``: whether a compiled model traces the bank's batched
     computation (default True) or each slice's own. All settings compute the same function.
     """
+    choices = {"path": (path, _PATHS, "execution path"), "scale": (scale, _SCALES, "scale mode"),
+               "compiled": (compiled, _PATHS, "compiled path")}
+    for value, allowed, what in choices.values():  # check every value before changing any
+        if value is not None and value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; choose one of {allowed}")
     previous = dict(_SETTINGS)
-    if path is not None:
-        if path not in _PATHS:
-            raise ValueError(f"unknown execution path {path!r}; choose one of {_PATHS}")
-        _SETTINGS["path"] = path
-    if scale is not None:
-        if scale not in _SCALES:
-            raise ValueError(f"unknown scale mode {scale!r}; choose one of {_SCALES}")
-        _SETTINGS["scale"] = scale
-    if bank is not None:
-        _SETTINGS["bank"] = bool(bank)
-    if compiled is not None:
-        if compiled not in _PATHS:
-            raise ValueError(f"unknown compiled path {compiled!r}; choose one of {_PATHS}")
-        _SETTINGS["compiled"] = compiled
-    if compiled_bank is not None:
-        _SETTINGS["compiled_bank"] = bool(compiled_bank)
+    for key, (value, _, _) in choices.items():
+        if value is not None:
+            _SETTINGS[key] = value
+    for key, flag in (("bank", bank), ("compiled_bank", compiled_bank)):
+        if flag is not None:
+            _SETTINGS[key] = bool(flag)
     return previous
 
 
