@@ -53,18 +53,72 @@ def _signature(layer, ad) -> tuple[Any, ...]:
     cfg = ad.cfg
     gen = hasattr(ad, "generator")
     return (gen, cfg.r, layer.in_features, ad.stop - ad.start, layer.weight.dtype, str(layer.weight.device),
-            cfg.magnitude, cfg.tau_mode, cfg.tau_granularity, cfg.detach_norm, ad.s,
+            cfg.magnitude, cfg.tau_mode, cfg.tau_granularity, cfg.tau_floor, cfg.detach_norm, ad.s,
             (cfg.gen_hidden, cfg.gen_embed, cfg.gen_activation) if gen else None)
+
+
+# Inductor turns a cat of at most 8 inputs into one kernel; beyond that (its max_pointwise_cat_inputs) every
+# input is copied by a kernel of its own. Traced, longer stacks are built as a tree of stacks of 8.
+_CAT_INPUTS = 8
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``; while traced by torch.compile, as a tree of at most 8 inputs per node (one
+    fused kernel for a ViT-B's 24 slices instead of 24 copies)."""
+    n = len(tensors)
+    if n <= _CAT_INPUTS or not torch.compiler.is_compiling():
+        return torch.stack(tensors)
+    size = _CAT_INPUTS
+    while size * _CAT_INPUTS < n:
+        size *= _CAT_INPUTS
+    return torch.cat([_stack(tensors[i : i + size]) for i in range(0, n, size)])
+
+
+def _stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack S tensors of which runs of k consecutive ones are the same tensor (a first layer shared by the
+    q and v of a block, ``sharing="qv_first"``; all of them under ``"global"``): each distinct tensor is
+    stacked once and expanded, so its gradient is one sum instead of k stacked copies added up."""
+    n = len(tensors)
+    k = 1
+    while k < n and tensors[k] is tensors[0]:
+        k += 1
+    if k == 1 or n % k or any(tensors[i] is not tensors[i - i % k] for i in range(n)) or \
+            len({id(t) for t in tensors}) != n // k:
+        return _stack(tensors)
+    distinct = _stack(tensors[::k])  # (S / k, ...)
+    return distinct.unsqueeze(1).expand(n // k, k, *distinct.shape[1:]).reshape(n, *distinct.shape[1:])
 
 
 def _generate(embs, firsts, seconds) -> torch.Tensor:
     """The factor rows of S generators at once: ``c * W2 act(W1 e^T + b1)`` per s -> (S, r, width)."""
-    E = torch.stack(embs)  # (S, r, k)
-    W1 = torch.stack([f.linear.weight for f in firsts])  # (S, hidden, k)
-    b1 = torch.stack([f.linear.bias for f in firsts])  # (S, hidden)
+    E = _stack(embs)  # (S, r, k)
+    W1 = _stack_shared([f.linear.weight for f in firsts])  # (S, hidden, k)
+    b1 = _stack_shared([f.linear.bias for f in firsts])  # (S, hidden)
     h = firsts[0].act(torch.baddbmm(b1.unsqueeze(1), E, W1.transpose(1, 2)))  # (S, r, hidden)
-    W2 = torch.stack([s.weight for s in seconds])  # (S, width, hidden)
+    W2 = _stack_shared([s.weight for s in seconds])  # (S, width, hidden)
     return torch.bmm(h, W2.transpose(1, 2)) * seconds[0].multiplier  # (S, r, width)
+
+
+def _traced_stats(group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_weight_stats`` of a group's slices, batched, as the compiled graph computes them each step: one row
+    norm per base layer (the q and v slices of a qkv share it), the tau scales of all slices at once."""
+    from .layers import param_dtype
+
+    norms_of: dict[int, torch.Tensor] = {}
+    rows = []
+    for layer, ad in group:
+        norms = norms_of.get(id(layer))
+        if norms is None:
+            with torch.no_grad():
+                norms = torch.linalg.vector_norm(layer.weight.detach().to(param_dtype(layer.weight)), dim=1)
+            norms_of[id(layer)] = norms
+        rows.append(norms[ad.rows])
+    norms = _stack(rows)  # (S, out)
+    cfg = group[0][1].cfg
+    mean = norms.mean(1, keepdim=True)
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))  # (S, 1)
+    row_scale = torch.maximum(norms, cfg.tau_floor * mean) if cfg.tau_granularity == "row" else mean
+    return norms * norms, row_scale
 
 
 class AdapterBank:
@@ -90,8 +144,7 @@ class AdapterBank:
         """Stacked ``||W0||^2_row`` and tau row scales of a group, restacked when a base weight changes
         (computed in the graph when traced: no Python-side cache there)."""
         if torch.compiler.is_compiling():
-            stats = [ad._weight_stats(layer.weight) for layer, ad in group]
-            return torch.stack([w for w, _ in stats]), torch.stack([rs for _, rs in stats])
+            return _traced_stats(group)
         key = tuple((layer.weight.data_ptr(), layer.weight._version) for layer, _ in group)
         cached = self._stats.get(i)
         if cached is None or cached[0] != key:
@@ -115,19 +168,19 @@ class AdapterBank:
                     B = _generate([g.emb_B for g in gens], [g.first_B for g in gens],
                                   [g.second_B for g in gens]).transpose(1, 2)  # (S, out, r)
                 else:
-                    A = torch.stack([ad.lora_A for ad in ads])
-                    B = torch.stack([ad.lora_B for ad in ads])
+                    A = _stack([ad.lora_A for ad in ads])
+                    B = _stack([ad.lora_B for ad in ads])
                 g = None
                 if ad0.cfg.magnitude:
                     w0_sq, row_scale = self._stacked_stats(i, group)
                     cfg = ad0.cfg
                     if cfg.tau_mode == "learned":
-                        t = nn.functional.softplus(torch.stack([ad.tau_rho for ad in ads])) * row_scale
+                        t = nn.functional.softplus(_stack([ad.tau_rho for ad in ads])) * row_scale
                     elif cfg.tau_mode == "fixed":
-                        t = torch.stack([ad.tau_t for ad in ads]) * row_scale
+                        t = _stack([ad.tau_t for ad in ads]) * row_scale
                     else:
                         t = None
-                    m = torch.stack([ad.magnitude for ad in ads])
+                    m = _stack([ad.magnitude for ad in ads])
                     g = fused.row_scales(A, B, m, t, [layer.weight[ad.rows] for layer, ad in group], w0_sq,
                                          ad0.s, cfg.detach_norm)
             As, Bs = A.unbind(0), B.unbind(0)

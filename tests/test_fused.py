@@ -338,9 +338,9 @@ def test_inject_into_a_model_already_on_cuda(preset):
 class Blocks(nn.Module):
     """Two attention-like blocks with q/v projections (the generator-sharing variants act per block)."""
 
-    def __init__(self, d: int = 8) -> None:
+    def __init__(self, d: int = 8, n: int = 2) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(QV(d) for _ in range(2))
+        self.layers = nn.ModuleList(QV(d) for _ in range(n))
 
     def forward(self, x):
         for block in self.layers:
@@ -441,10 +441,13 @@ def test_a_compiled_model_is_one_graph_with_eager_gradients(preset, compiled_pat
             torch.testing.assert_close(p.grad, expect[n], msg=n)
 
 
-@pytest.mark.parametrize("compiled_bank", [True, False])
-def test_a_compiled_model_traces_the_bank_into_its_graph(compiled_bank, monkeypatch):
+@pytest.mark.parametrize("compiled_bank, blocks, sharing", [(True, 2, "qv_first"), (False, 2, "qv_first"),
+                                                           (True, 10, "qv_first"), (True, 10, "none"),
+                                                           (True, 10, "global"), (True, 10, "qv_full")])
+def test_a_compiled_model_traces_the_bank_into_its_graph(compiled_bank, blocks, sharing, monkeypatch):
     """Compiled, the layers take their factors and row scales from the bank's traced computation (or, if
-    switched off, compute their own); gradients equal eager's either way."""
+    switched off, compute their own); gradients equal eager's either way. 10 blocks (20 slices) take the
+    traced stack's tree of at most 8 inputs and, with shared first layers, the expanded stack."""
     from doran import bank
 
     served = []
@@ -458,8 +461,8 @@ def test_a_compiled_model_traces_the_bank_into_its_graph(compiled_bank, monkeypa
 
     monkeypatch.setattr(bank, "banked", spy)
     torch.manual_seed(0)
-    model = Blocks(d=8).double()
-    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
+    model = Blocks(d=8, n=blocks).double()
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj"), sharing=sharing))
     _perturb(model)
     x = torch.randn(4, 8, dtype=torch.float64)
     with fused.execution(compiled="fused", compiled_bank=compiled_bank):
@@ -468,8 +471,34 @@ def test_a_compiled_model_traces_the_bank_into_its_graph(compiled_bank, monkeypa
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         out, dx, grads = _outputs_and_grads(compiled, x, "fused")
     got = (out, dx, {n.removeprefix("_orig_mod."): g for n, g in grads.items()})
-    assert served and set(served) == {compiled_bank}  # 4 slices, each served by the bank or not
+    assert len(served) == 2 * blocks and set(served) == {compiled_bank}  # each slice served by the bank or not
     _assert_same(got, ref)
+
+
+@pytest.mark.parametrize("pattern", [[0, 1, 2], [0, 0, 1, 1, 2, 2], [0] * 12, list(range(20)),
+                                     [i // 2 for i in range(20)], [0, 1, 0, 1], [0, 0, 1]])
+def test_traced_stack_equals_torch_stack(pattern):
+    """The bank's stack (a tree of at most 8 inputs when traced; runs of one shared tensor expanded) gives
+    torch.stack's values and gradients, traced or not, whatever the sharing pattern."""
+    from doran.bank import _stack_shared
+
+    distinct = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True) for _ in range(max(pattern) + 1)]
+    weights = torch.randn(len(pattern), 3, 2, dtype=torch.float64)
+
+    def loss(fn):
+        for t in distinct:
+            t.grad = None
+        out = fn([distinct[i] for i in pattern])
+        (out * weights).sum().backward()
+        return out.detach(), [t.grad.clone() for t in distinct]
+
+    ref = loss(torch.stack)
+    for fn in (_stack_shared, torch.compile(_stack_shared, backend="aot_eager", fullgraph=True)):
+        out, grads = loss(fn)
+        torch.testing.assert_close(out, ref[0], rtol=0, atol=0)
+        for g, e in zip(grads, ref[1]):
+            torch.testing.assert_close(g, e)
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu
@@ -477,9 +506,10 @@ def test_a_compiled_model_traces_the_bank_into_its_graph(compiled_bank, monkeypa
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 @pytest.mark.parametrize("preset", ["lora", "doran"])
 def test_compiled_gradients_on_cuda_match_eager(preset, mode):
-    """torch.compile (Inductor, and CUDA graphs with reduce-overhead) trains the same adapter as eager."""
+    """torch.compile (Inductor, and CUDA graphs with reduce-overhead) trains the same adapter as eager; 6
+    blocks (12 slices) take the traced stack's tree and the expanded shared first layers."""
     torch.manual_seed(0)
-    model = Blocks(d=64).cuda()
+    model = Blocks(d=64, n=6).cuda()
     doran.inject(model, doran.AdapterConfig.preset(preset, r=4, targets=("q_proj", "v_proj")))
     _perturb(model)
     x = torch.randn(32, 64, device="cuda")
