@@ -16,7 +16,8 @@ Variants run in one process: no adapter, our presets (lora, dora, doran, ...), P
 A suffix picks our execution mode: ``doran`` is the default fused path (doran/fused.py), ``doran@reference``
 plain autograd, ``doran@nobank`` the fused path without the adapter bank (doran/bank.py), ``doran@weight``
 / ``doran@output`` force how g is applied, ``doran@compile`` wraps the model in torch.compile and
-``doran@compile-ro`` in torch.compile(mode="reduce-overhead") (CUDA graphs); ratios are to our LoRA in the same mode. With ``--inference`` the base model and
+``doran@compile-ro`` with mode="reduce-overhead" (CUDA graphs; both through ``doran.compile_model``, as the
+Lightning modules compile); ratios are to our LoRA in the same mode. With ``--inference`` the base model and
 every merged variant are also timed forward-only (merged inference should cost what the base costs). Before timing, every variant's output at step 0 is checked against the
 un-adapted model (all presets start as the identity) and our DoRA-family layer against a materialised
 float64 reference. Reported: median wall step time over ``--steps`` steps after ``--warmup`` (with min and
@@ -33,6 +34,7 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
@@ -158,10 +160,8 @@ def build_variant(work: dict[str, Any], variant: str, device: str) -> nn.Module:
         cfg = doran.AdapterConfig.preset(variant, r=work["r"], alpha=2 * work["r"], targets=work["targets"])
         doran.inject(model, cfg, trainable=work["head"])
     model = model.to(device)
-    if mode in ("compile", "compile-ref", "compile-nobank"):
-        model = torch.compile(model)
-    elif mode in ("compile-ro", "compile-ro-ref", "compile-ro-nobank"):  # CUDA graphs of the compiled forward and backward
-        model = torch.compile(model, mode="reduce-overhead")
+    if mode.startswith("compile"):  # as the Lightning modules compile: hooks and forward in one graph
+        model = doran.compile_model(model, "reduce-overhead" if mode.startswith("compile-ro") else "default")
     return model
 
 
@@ -207,8 +207,11 @@ def autocast(device: str):
 def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int, warmup: int,
                  profile_steps: int = 5) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
-    # foreach: the multi-tensor AdamW that CUDA uses by default (the host proxy asks for it on CPU too)
-    kind = {"fused": True} if work.get("adam") == "fused" else {"foreach": work.get("foreach")}
+    # auto: as the Lightning modules (doran.compiling.adamw): fused on a GPU; else PyTorch's default, foreach
+    # for the host proxy (the multi-tensor AdamW that CUDA uses by default)
+    adam = work.get("adam", "auto")
+    fused = adam == "fused" or (adam == "auto" and device == "cuda")
+    kind = {"fused": True} if fused else {"foreach": True if adam == "foreach" else work.get("foreach")}
     opt = torch.optim.AdamW(params, lr=1e-4, **kind) if params else None
 
     def step() -> None:
@@ -246,11 +249,18 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
         step()
         sync()
         times.append(time.perf_counter() - t0)
+    phases = time_phases(work, model, opt, device, steps) if work.get("phases") and opt is not None else None
+    hosts = host_profile(work, model, opt, device) if work.get("cprofile") and opt is not None else None
     result = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
               "step_ms_max": 1e3 * max(times), "steps": steps,
               "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
               "mem_before_first_step_mib": mem_before,
-              "trainable": sum(p.numel() for p in params), "first_grad_norm": grad_norm}
+              "trainable": sum(p.numel() for p in params), "trainable_tensors": len(params),
+              "first_grad_norm": grad_norm}
+    if phases:
+        result["phase_ms_median"] = phases
+    if hosts:
+        result["host_profile"] = hosts
     if device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -261,13 +271,79 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
         kernel_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA"
                         and e.device_time_total > 0 and not e.key.startswith("Memcpy"))
         top = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0),
-                     key=lambda e: -e.device_time_total)[:12]
-        result["top_kernels"] = [{"name": e.key[:90], "ms_per_step": e.device_time_total / 1e3 / profile_steps,
+                     key=lambda e: -e.device_time_total)[: None if work.get("all_kernels") else 12]
+        result["top_kernels"] = [{"name": e.key[:160], "ms_per_step": e.device_time_total / 1e3 / profile_steps,
                                   "calls_per_step": e.count / profile_steps} for e in top]
         n_kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
         result["gpu_busy_ms"] = kernel_us / 1e3 / profile_steps
         result["kernels_per_step"] = n_kernels / profile_steps
     return result
+
+
+def time_phases(work: dict[str, Any], model: nn.Module, opt, device: str, steps: int) -> dict[str, float]:
+    """Median wall ms of each part of a step, synchronised between parts (so they add up to more than a step):
+    forward, backward, optimizer step, zero_grad. Says where a step's time outside the GPU's goes."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "zero_grad": []}
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        with autocast(device):
+            loss = work["step"](model)
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        opt.step()
+        sync()
+        t3 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t4 = time.perf_counter()
+        for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            parts[key].append(dt)
+    result = {key: 1e3 * statistics.median(v) for key, v in parts.items()}
+    if device == "cuda" and not getattr(opt, "defaults", {}).get("fused"):  # the same step with fused AdamW
+        fused_opt = type(opt)(opt.param_groups[0]["params"], lr=opt.defaults["lr"], fused=True)
+        times = []
+        for _ in range(steps):
+            with autocast(device):
+                loss = work["step"](model)
+            loss.backward()
+            sync()
+            t0 = time.perf_counter()
+            fused_opt.step()
+            sync()
+            times.append(time.perf_counter() - t0)
+            fused_opt.zero_grad(set_to_none=True)
+        result["optimizer_fused"] = 1e3 * statistics.median(times)
+    return result
+
+
+def host_profile(work: dict[str, Any], model: nn.Module, opt, device: str, steps: int = 10) -> list[dict[str, Any]]:
+    """The Python functions that take the host's time in a step (cProfile over ``steps`` steps, top 40 by
+    own time): where a step's time beyond its kernels goes."""
+    import cProfile
+    import pstats
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        with autocast(device):
+            loss = work["step"](model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:40]
+    return [{"function": f"{Path(f).name}:{line}({name})", "calls_per_step": nc / steps,
+             "own_ms_per_step": 1e3 * tt / steps, "cum_ms_per_step": 1e3 * ct / steps}
+            for (f, line, name), (_, nc, tt, ct, _) in rows]
 
 
 def time_inference(work: dict[str, Any], model: nn.Module, device: str, steps: int, warmup: int) -> float:
@@ -292,9 +368,10 @@ INFER_STEPS = 50
 
 def run_workload(name: str, variants: list[str], device: str, steps: int, warmup: int,
                  inference: bool = False, on_row: Callable[[dict[str, Any]], None] | None = None,
-                 adam: str = "foreach") -> dict[str, Any]:
+                 adam: str = "auto", phases: bool = False, all_kernels: bool = False,
+                 cprofile: bool = False) -> dict[str, Any]:
     work = WORKLOADS[name](device)
-    work["adam"] = adam
+    work.update(adam=adam, phases=phases, all_kernels=all_kernels, cprofile=cprofile)
     work["model"] = work["model"].to(device)
     with torch.no_grad(), autocast(device):
         reference = work["out"](work["model"]).float()
@@ -430,8 +507,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", nargs="+", type=int, default=[768, 2048, 4096, 8192])
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 64, 256])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096, 16384])
-    parser.add_argument("--adam", choices=("foreach", "fused"), default="foreach",
-                        help="AdamW implementation for every variant (fused: one CUDA kernel for all tensors)")
+    parser.add_argument("--adam", choices=("auto", "foreach", "fused"), default="auto",
+                        help="AdamW implementation for every variant (auto: fused on a GPU, as the Lightning "
+                             "modules step; foreach: the multi-tensor one, PyTorch's default on a GPU)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time forward, backward, optimizer step and zero_grad apart (synchronised)")
+    parser.add_argument("--all-kernels", action="store_true", help="list every CUDA kernel, not the top 12")
+    parser.add_argument("--cprofile", action="store_true", help="also record the host's top Python functions")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -440,8 +522,6 @@ def main(argv: list[str] | None = None) -> int:
         args.workload = [] if args.layer_sweep else ["minilm"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from doran.results import device_info, environment
-
-    from pathlib import Path
 
     recorded = dict(vars(args))
     if args.out:  # no path of a particular machine in the file: the name, or the path inside the repository
@@ -459,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_json(args.out, {**results, "workloads": {**results["workloads"], name: rows}})
 
         results["workloads"][name] = run_workload(name, args.variants, device, args.steps, args.warmup,
-                                                  args.inference, on_row=partial, adam=args.adam)
+                                                  args.inference, on_row=partial, adam=args.adam,
+                                                  phases=args.phases, all_kernels=args.all_kernels,
+                                                  cprofile=args.cprofile)
         if args.out:
             atomic_write_json(args.out, {**results, "table": table(results)})
     if args.layer_sweep:

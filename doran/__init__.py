@@ -8,6 +8,7 @@ Example::
     doran.print_trainable_parameters(model)
 """
 
+from .compiling import compile_model
 from .fused import execution, set_execution
 from .config import PRESET_FORMS, PRESETS, AdapterConfig, ConfigError, DoranError
 from .inject import (
@@ -45,6 +46,7 @@ __all__ = [
     "OutputRotation",
     "SliceAdapter",
     "adapted_modules",
+    "compile_model",
     "eject",
     "execution",
     "factored_row_norm",

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import doran
 
 from . import commonsense as cs
-from .compiling import CompiledRunner, check_compile
+from .compiling import CompiledRunner, adamw, check_compile
 from .training import derive_seed, rng_state, set_rng_state
 
 RANDOM_LLAMA = "random-llama"
@@ -312,10 +312,12 @@ class CausalLMModule(pl.LightningModule):
     def runner(self) -> CompiledRunner:
         """The model as it runs (compiled or not, ``doran.compiling``), built on first use on its device."""
         if not self._runner or self._runner[0].device_type != self.device.type:
-            trainer = self._trainer
-            sharded = trainer is not None and type(trainer.strategy).__name__.startswith("FSDP")
-            self._runner = (CompiledRunner(self.model, self.hparams.compile, self.device.type, sharded),)
+            self._runner = (CompiledRunner(self.model, self.hparams.compile, self.device.type, self._sharded()),)
         return self._runner[0]
+
+    def _sharded(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and type(trainer.strategy).__name__.startswith("FSDP")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         runner = self.runner
@@ -343,7 +345,7 @@ class CausalLMModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = doran.param_groups(self.model, lr=hp.lr, weight_decay=hp.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = adamw(groups, lr=hp.lr, weight_decay=hp.weight_decay, sharded=self._sharded())
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total // 2) if total > 1 else 0
 

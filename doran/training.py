@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import doran
-from doran.compiling import CompiledRunner, check_compile
+from doran.compiling import CompiledRunner, adamw, check_compile
 
 # ---------------------------------------------------------------------------------------------------------
 # Seeds and pairing
@@ -423,7 +423,7 @@ class AdapterClassifier(pl.LightningModule):
         missing = [p for p in self.model.parameters() if p.requires_grad and id(p) not in covered]
         if missing:  # defensive: every trainable tensor must be optimised
             raise RuntimeError(f"{len(missing)} trainable tensors are in no doran.param_groups group")
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = adamw(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = hp.warmup_steps if hp.warmup_steps > 0 else round(hp.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -130,8 +130,10 @@ def test_auto_on_a_gpu_trains_with_cuda_graphs_and_eager_gradients():
 
     module = _vit_module()
     before = {n: p.detach().clone() for n, p, _ in doran.named_adapter_parameters(module.model)}
-    _trainer(callbacks=[Mode()], max_steps=3, accelerator="gpu", devices=1).fit(module, train_dataloaders=loader)
+    trainer = _trainer(callbacks=[Mode()], max_steps=3, accelerator="gpu", devices=1)
+    trainer.fit(module, train_dataloaders=loader)
     assert modes == {"reduce-overhead"}
+    assert trainer.optimizers[0].defaults["fused"]  # doran.compiling.adamw: fused AdamW on a GPU
     assert any(not torch.equal(p.cpu(), before[n]) for n, p, _ in doran.named_adapter_parameters(module.model))
 
     batch = {"pixel_values": images[:8].cuda(), "labels": labels[:8].cuda()}
@@ -146,3 +148,40 @@ def test_auto_on_a_gpu_trains_with_cuda_graphs_and_eager_gradients():
     assert module.runner.mode == "reduce-overhead"
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_compile_model_traces_the_bank_hook_and_the_forward_as_one_graph():
+    """torch.compile(model) compiles the bank's pre-hook as a frame of its own (two graphs, the factors
+    crossing between them); compile_model traces hooks and forward together: one graph, eager's values."""
+    from torch._dynamo.utils import counters
+
+    from tests.test_fused import Blocks, _perturb
+
+    torch.manual_seed(0)
+    model = Blocks(d=8, n=3)
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
+    _perturb(model)
+    x = torch.randn(4, 8)
+    ref = model(x)
+    graphs = {}
+    for name, compiled in (("bare", torch.compile(model, backend="aot_eager")),
+                           ("compile_model", doran.compile_model(model, "aot_eager"))):
+        torch._dynamo.reset()
+        counters.clear()
+        out = compiled(x)
+        graphs[name] = counters["stats"]["unique_graphs"]
+        torch.testing.assert_close(out, ref)
+    torch._dynamo.reset()
+    assert graphs == {"bare": 2, "compile_model": 1}
+    assert doran.compile_model(model, "none") is model
+    with pytest.raises(ValueError, match="resolve"):
+        doran.compile_model(model, "auto")
+
+
+def test_adamw_is_the_default_implementation_off_a_gpu():
+    from doran.compiling import adamw
+
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = adamw([{"params": params, "weight_decay": 0.0}], lr=1e-3, weight_decay=0.1)
+    assert not opt.defaults.get("fused") and opt.param_groups[0]["weight_decay"] == 0.0
+    assert not adamw([{"params": params}], lr=1e-3, weight_decay=0.0, sharded=True).defaults.get("fused")
