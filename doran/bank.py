@@ -74,17 +74,34 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([_stack(tensors[i : i + size]) for i in range(0, n, size)])
 
 
+class _StackLaidOut(torch.autograd.Function):
+    """``_stack`` whose gradients come back in the inputs' row-major layout: a generator's first-layer weights
+    enter a batched product transposed, so their stacked gradient is transposed, and autograd would copy
+    each of its S slices to the weight's layout in every backward; here one copy makes the whole stack
+    row-major and the slices are taken over as they are."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return _stack(list(tensors))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous().unbind(0)
+
+
 def _stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Stack S tensors of which runs of k consecutive ones are the same tensor (a first layer shared by the
     q and v of a block, ``sharing="qv_first"``; all of them under ``"global"``): each distinct tensor is
-    stacked once and expanded, so its gradient is one sum instead of k stacked copies added up."""
+    stacked once and expanded, so its gradient is one sum instead of k stacked copies added up. Either way
+    the gradients come back in the tensors' own layout (``_StackLaidOut``)."""
     n = len(tensors)
     k = 1
     while k < n and tensors[k] is tensors[0]:
         k += 1
     if k == 1 or n % k or any(tensors[i] is not tensors[i - i % k] for i in range(n)) or \
             len({id(t) for t in tensors}) != n // k:
-        return _stack(tensors)
+        laid_out = any(t.requires_grad for t in tensors) and len({id(t) for t in tensors}) == n
+        return _StackLaidOut.apply(*tensors) if laid_out else _stack(tensors)  # (compile: distinct inputs)
     distinct = _stack(tensors[::k])  # (S / k, ...)
     return distinct.unsqueeze(1).expand(n // k, k, *distinct.shape[1:]).reshape(n, *distinct.shape[1:])
 
@@ -96,7 +113,8 @@ def _generate(embs, firsts, seconds) -> torch.Tensor:
     b1 = _stack_shared([f.linear.bias for f in firsts])  # (S, hidden)
     h = firsts[0].act(torch.baddbmm(b1.unsqueeze(1), E, W1.transpose(1, 2)))  # (S, r, hidden)
     W2 = _stack_shared([s.weight for s in seconds])  # (S, width, hidden)
-    return torch.bmm(h, W2.transpose(1, 2)) * seconds[0].multiplier  # (S, r, width)
+    # (W2 h^T)^T, as SecondLayer: W2's gradient in W2's layout (no copy per tensor in the backward)
+    return torch.bmm(W2, h.transpose(1, 2)).transpose(1, 2) * seconds[0].multiplier  # (S, r, width)
 
 
 def _traced_stats(group) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,7 +66,9 @@ class SecondLayer(nn.Module):
         self.multiplier = 1.0 / hidden
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return (h @ self.weight.t().to(h.dtype)) * self.multiplier
+        # as (W2 h^T)^T: the gradient of W2 then comes out in W2's own (row-major) layout, which autograd can
+        # take over as it is; (h W2^T) would give a transposed one, copied each step to match W2's layout
+        return (self.weight.to(h.dtype) @ h.transpose(-1, -2)).transpose(-1, -2) * self.multiplier
 
 
 class FactorGenerator(nn.Module):
