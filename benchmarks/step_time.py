@@ -207,12 +207,18 @@ def autocast(device: str):
 def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int, warmup: int,
                  profile_steps: int = 5) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
-    # auto: as the Lightning modules (doran.compiling.adamw): fused on a GPU; else PyTorch's default, foreach
-    # for the host proxy (the multi-tensor AdamW that CUDA uses by default)
+    # auto: as the Lightning modules step (doran.compiling.adamw: doran.optim.FusedAdamW on a GPU); else
+    # PyTorch's AdamW, fused or foreach (the multi-tensor one CUDA uses by default; the host proxy's default)
     adam = work.get("adam", "auto")
-    fused = adam == "fused" or (adam == "auto" and device == "cuda")
-    kind = {"fused": True} if fused else {"foreach": True if adam == "foreach" else work.get("foreach")}
-    opt = torch.optim.AdamW(params, lr=1e-4, **kind) if params else None
+    if not params:
+        opt = None
+    elif adam == "auto" and device == "cuda":
+        from doran.compiling import adamw
+
+        opt = adamw([{"params": params}], lr=1e-4, weight_decay=1e-2)
+    else:
+        kind = {"fused": True} if adam == "fused" else {"foreach": True if adam == "foreach" else work.get("foreach")}
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, **kind)
 
     def step() -> None:
         if opt is None:  # nothing trainable (the base LLaMA): forward only
@@ -508,8 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 64, 256])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--adam", choices=("auto", "foreach", "fused"), default="auto",
-                        help="AdamW implementation for every variant (auto: fused on a GPU, as the Lightning "
-                             "modules step; foreach: the multi-tensor one, PyTorch's default on a GPU)")
+                        help="AdamW implementation for every variant (auto: as the Lightning modules step, "
+                             "doran.optim.FusedAdamW on a GPU; fused: torch's fused AdamW; foreach: the "
+                             "multi-tensor one, PyTorch's default on a GPU)")
     parser.add_argument("--phases", action="store_true",
                         help="also time forward, backward, optimizer step and zero_grad apart (synchronised)")
     parser.add_argument("--all-kernels", action="store_true", help="list every CUDA kernel, not the top 12")

@@ -75,15 +75,18 @@ def compile_model(model: nn.Module, mode: str = "reduce-overhead") -> nn.Module:
 
 
 def adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float, sharded: bool = False) -> torch.optim.AdamW:
-    """AdamW as the Lightning modules step it: the fused CUDA implementation when every tensor is on a GPU
-    and not sharded, PyTorch's default elsewhere (the same update, up to rounding). On a GPU the default
+    """AdamW as the Lightning modules step it: fused (``doran.optim.FusedAdamW``) when every tensor is on a
+    GPU and not sharded, PyTorch's default elsewhere (the same update, up to rounding). On a GPU the default
     (foreach) AdamW costs the host tens of microseconds per tensor each step (per-tensor step counters read
     back with ``.item()``), which the compiled step cannot hide: on one H200 the optimizer step of DoRAN on
     ViT-B/16 (194 tensors) took 2.97 ms foreach and 1.21 ms fused (LoRA, 50 tensors: 1.05 and 0.52 ms;
     docs/benchmarks.md)."""
+    from .optim import FusedAdamW
+
     params = [p for group in groups for p in group["params"]]
-    fused = bool(params) and not sharded and all(p.is_cuda and type(p) is nn.Parameter for p in params)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    if params and not sharded and all(p.is_cuda and type(p) is nn.Parameter for p in params):
+        return FusedAdamW(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def pad_tokens(batch: dict[str, Any], multiple: int = TOKEN_MULTIPLE, pad_id: int = 0) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import torch
 import doran
 from doran.compiling import TOKEN_MULTIPLE, CompiledRunner, pad_tokens, resolve_compile
 from doran.lm import CausalLMModule
+from doran.optim import FusedAdamW
 from doran.training import AdapterClassifier, build_text_model, build_timm
 from tests.test_lm import TINY
 from tests.test_training import _datamodule, _module, _trainer
@@ -133,7 +134,7 @@ def test_auto_on_a_gpu_trains_with_cuda_graphs_and_eager_gradients():
     trainer = _trainer(callbacks=[Mode()], max_steps=3, accelerator="gpu", devices=1)
     trainer.fit(module, train_dataloaders=loader)
     assert modes == {"reduce-overhead"}
-    assert trainer.optimizers[0].defaults["fused"]  # doran.compiling.adamw: fused AdamW on a GPU
+    assert isinstance(trainer.optimizers[0], FusedAdamW)  # doran.compiling.adamw on a GPU
     assert any(not torch.equal(p.cpu(), before[n]) for n, p, _ in doran.named_adapter_parameters(module.model))
 
     batch = {"pixel_values": images[:8].cuda(), "labels": labels[:8].cuda()}
@@ -185,3 +186,50 @@ def test_adamw_is_the_default_implementation_off_a_gpu():
     opt = adamw([{"params": params, "weight_decay": 0.0}], lr=1e-3, weight_decay=0.1)
     assert not opt.defaults.get("fused") and opt.param_groups[0]["weight_decay"] == 0.0
     assert not adamw([{"params": params}], lr=1e-3, weight_decay=0.0, sharded=True).defaults.get("fused")
+
+
+def test_fused_adamw_steps_as_torchs_fused_adamw_bit_for_bit():
+    """FusedAdamW (torch's first step, then the kernel called on kept lists) gives torch's fused AdamW's
+    parameters exactly: two groups, a schedule, a closure, a step with a missing gradient (torch's step),
+    its state saved and loaded into a fresh optimizer midway."""
+    torch.manual_seed(0)
+    init = [torch.randn(4, 3), torch.randn(5), torch.randn(2, 2)]
+    data = [[torch.randn_like(t) for t in init] for _ in range(8)]
+
+    def train(cls, **kw):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+
+        def make(state=None):
+            opt = cls(groups, lr=1e-2, weight_decay=0.1, **kw)
+            if state is not None:
+                opt.load_state_dict(state)
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
+
+        opt, sched = make()
+        for i, grads in enumerate(data):
+            def closure(grads=grads, i=i):
+                for p, g in zip(params, grads):
+                    p.grad = None if (i == 3 and p is params[1]) else g.clone()
+                return sum(float(g.sum()) for g in grads)
+            assert opt.step(closure) == closure()
+            sched.step()
+            opt.zero_grad()
+            assert all(p.grad is None for p in params)
+            if i == 4:  # resume from a checkpoint of the optimizer
+                state = opt.state_dict()
+                opt, sched = make(state)
+                for _ in range(i + 1):
+                    sched.step()
+        return params
+
+    lean = []
+    original = FusedAdamW._lean_step
+    FusedAdamW._lean_step = lambda self: lean.append(original(self)) or lean[-1]
+    try:
+        ours = train(FusedAdamW)
+    finally:
+        FusedAdamW._lean_step = original
+    assert lean.count(True) == 5  # steps 1, 2, 4, 6, 7; torch's own at 0, 3 (no gradient) and 5 (loaded)
+    for got, expect in zip(ours, train(torch.optim.AdamW, fused=True)):
+        assert torch.equal(got, expect)
