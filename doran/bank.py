@@ -139,6 +139,20 @@ def _traced_stats(group) -> tuple[torch.Tensor, torch.Tensor]:
     return norms * norms, row_scale
 
 
+def _layout(group) -> tuple[list[nn.Module], tuple[tuple[int, int], ...]]:
+    """The distinct base layers of a group's slices and, per slice, (index of its layer, first row): the
+    norm's products with W0 then run once per base weight (the q and v of a qkv together)."""
+    weights: list[nn.Module] = []
+    index: dict[int, int] = {}
+    layout = []
+    for layer, ad in group:
+        if id(layer) not in index:
+            index[id(layer)] = len(weights)
+            weights.append(layer)
+        layout.append((index[id(layer)], ad.start))
+    return weights, tuple(layout)
+
+
 class AdapterBank:
     """Groups of slices of one model computed together; see the module docstring."""
 
@@ -149,6 +163,7 @@ class AdapterBank:
         for layer, ad in entries:
             groups.setdefault(_signature(layer, ad), []).append((layer, ad))
         self.groups = list(groups.values())
+        self._layouts = [_layout(group) for group in self.groups]
         self.slices = [ad for _, ad in entries]
         self.layers = list({id(layer): layer for layer, _ in entries}.values())
         self.active = False  # inside the model's forward
@@ -199,8 +214,9 @@ class AdapterBank:
                     else:
                         t = None
                     m = _stack([ad.magnitude for ad in ads])
-                    g = fused.row_scales(A, B, m, t, [layer.weight[ad.rows] for layer, ad in group], w0_sq,
-                                         ad0.s, cfg.detach_norm)
+                    layers, layout = self._layouts[i]
+                    g = fused.row_scales(A, B, m, t, [layer.weight for layer in layers], layout, w0_sq, ad0.s,
+                                         cfg.detach_norm)
             As, Bs = A.unbind(0), B.unbind(0)
             gs = g.unbind(0) if g is not None else (None,) * len(ads)
             if traced:  # the compiler tracks this dict (a side effect) and hands the layers its tensors

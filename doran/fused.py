@@ -177,29 +177,36 @@ def _needs(ctx, k: int) -> tuple[bool, ...]:
 
 class _RowScale(torch.autograd.Function):
     """g from A (S, r, in), B (S, d, r), m and w0_sq (S, d) or (S*d,), t (broadcastable to m) or None and the
-    frozen rows: one W (S*d, in) whose row block s belongs to A_s, B_s (heads), or one W_s (d, in) per s.
+    frozen base weights ``Ws``: slice s has the d rows of ``Ws[layout[s][0]]`` from row ``layout[s][1]`` on
+    (a qkv's q and v slices share one weight; per-head factors are row blocks of one weight).
 
     q = ||W0||^2 + 2 s <B, W0 A^T>_row + s^2 <B A A^T, B>_row, n = sqrt(max(q, 0)), g = m / (n + t).
     Backward (D = diag(dq)): dB = D (2 s W0 A^T + 2 s^2 B A A^T), dA = 2 s (D B)^T W0 + 2 s^2 B^T D B A
     (per s), dq = dn / (2 n) (0 where n = 0, as safe_sqrt), dn = dt = -dg g / (n + t), dm = dg / (n + t).
+    The products with W0 are one per base weight, for all of its slices together: ``W0 [A_1; A_2]^T`` and
+    ``[(D B)_1^T | 0 | (D B)_2^T] W0`` (the rows of other slices and of the k third of a qkv are zero).
     """
 
     @staticmethod
-    def forward(ctx, A, B, m, t, w0_sq, s: float, detach: bool, *Ws):
+    def forward(ctx, A, B, m, t, w0_sq, s: float, detach: bool, layout, *Ws):
         with _no_autocast(A.device.type):
-            S, r, in_f = A.shape
+            S, r, _ = A.shape
             d = B.shape[1]
-            if len(Ws) == 1 and S > 1:  # row blocks of one W: a single product, then the diagonal blocks
-                P = weight_times(Ws[0], A.reshape(S * r, in_f).t())  # (S d, S r)
-                WAt = P.view(S, d, S, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-            else:
-                WAt = torch.stack([weight_times(W, A[i].t()) for i, W in enumerate(Ws)])  # (S, d, r)
+            parts: list[Any] = [None] * S
+            for j, W in enumerate(Ws):
+                on = [i for i, (w, _) in enumerate(layout) if w == j]
+                A_j = A[on[0]] if len(on) == 1 else torch.cat([A[i] for i in on])  # (k r, in)
+                P = weight_times(W, A_j.t())  # (rows of W, k r)
+                for k, i in enumerate(on):
+                    row = layout[i][1]
+                    parts[i] = P[row : row + d, k * r : (k + 1) * r]
+            WAt = torch.stack(parts)  # (S, d, r)
             BAAt = B @ (A @ A.transpose(1, 2))  # (S, d, r)
             q = torch.add(w0_sq.reshape(S, d), (B * torch.add(WAt, BAAt, alpha=s / 2)).sum(-1), alpha=2.0 * s)
             n = q.clamp_min(0).sqrt().reshape(m.shape)
             den = n if t is None else n + t
             g = m / den
-        ctx.s, ctx.detach, ctx.n_w = s, detach, len(Ws)
+        ctx.s, ctx.detach, ctx.layout, ctx.n_w = s, detach, layout, len(Ws)
         ctx.t_shape = None if t is None else t.shape
         ctx.save_for_backward(A, B, WAt, BAAt, n, den, g, *Ws)
         return g
@@ -207,7 +214,7 @@ class _RowScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dg):
         A, B, WAt, BAAt, n, den, g, *Ws = ctx.saved_tensors
-        s = ctx.s
+        s, layout = ctx.s, ctx.layout
         with _no_autocast(A.device.type):
             dm = dg / den
             dden = -dg * g / den
@@ -217,19 +224,24 @@ class _RowScale(torch.autograd.Function):
                 dt = dden.sum_to_size(ctx.t_shape)
             dA = dB = None
             if not ctx.detach and (need[0] or need[1]):
-                S, r, in_f = A.shape
+                S, r, _ = A.shape
                 d = B.shape[1]
                 dq = torch.where(n > 0, dden / (2.0 * n.clamp_min(_TINY)), torch.zeros_like(n))
                 Dq = dq.reshape(S, d, 1)
                 dB = (2.0 * s) * Dq * torch.add(WAt, BAAt, alpha=s)
                 DB = Dq * B  # (S, d, r)
-                if len(Ws) == 1 and S > 1:
-                    M = torch.block_diag(*DB.unbind(0))  # (S d, S r)
-                    cross = times_weight(M.t(), Ws[0]).view(S, r, in_f)
-                else:
-                    cross = torch.stack([times_weight(DB[i].t(), W) for i, W in enumerate(Ws)])
+                parts: list[Any] = [None] * S
+                for j, W in enumerate(Ws):
+                    on = [i for i, (w, _) in enumerate(layout) if w == j]
+                    rows = W.shape[0]
+                    M = [F.pad(DB[i].t(), (layout[i][1], rows - layout[i][1] - d)) if rows != d else DB[i].t()
+                         for i in on]  # each (r, rows of W): the slice's (D B)^T in its rows, 0 elsewhere
+                    C = times_weight(M[0] if len(M) == 1 else torch.cat(M), W)  # (k r, in)
+                    for k, i in enumerate(on):
+                        parts[i] = C[k * r : (k + 1) * r]
+                cross = torch.stack(parts)  # (S, r, in)
                 dA = torch.add(cross, (DB.transpose(1, 2) @ B) @ A, alpha=s) * (2.0 * s)
-        return (dA, dB, dm, dt, None, None, None) + (None,) * ctx.n_w
+        return (dA, dB, dm, dt, None, None, None, None) + (None,) * ctx.n_w
 
 
 def row_scale(A, B, m, t, W, w0_sq, s: float, detach: bool) -> torch.Tensor:
@@ -237,13 +249,16 @@ def row_scale(A, B, m, t, W, w0_sq, s: float, detach: bool) -> torch.Tensor:
     or (H, d, r); W the frozen rows (out, in) in any dtype; m, w0_sq (out,); t (1,), (out,) or None."""
     if A.ndim == 2:
         A, B = A.unsqueeze(0), B.unsqueeze(0)
-    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), W.detach())
+    d = B.shape[1]
+    layout = tuple((0, i * d) for i in range(A.shape[0]))  # per head: row blocks of the one W
+    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), layout, W.detach())
 
 
-def row_scales(A, B, m, t, Ws, w0_sq, s: float, detach: bool) -> torch.Tensor:
-    """g (S, out) of S slices at once: A (S, r, in), B (S, out, r), m, w0_sq (S, out), t (S, 1) / (S, out) /
-    None, Ws the S frozen row blocks (out, in) (the adapter bank, doran/bank.py)."""
-    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), *(W.detach() for W in Ws))
+def row_scales(A, B, m, t, weights, layout, w0_sq, s: float, detach: bool) -> torch.Tensor:
+    """g (S, out) of S slices at once (the adapter bank, doran/bank.py): A (S, r, in), B (S, out, r), m, w0_sq
+    (S, out), t (S, 1) / (S, out) / None; slice s has the rows of ``weights[layout[s][0]]`` (a frozen base
+    weight) from row ``layout[s][1]`` on."""
+    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), tuple(layout), *(W.detach() for W in weights))
 
 
 # ------------------------------------------------------------------------------ the fused layer

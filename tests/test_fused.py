@@ -180,6 +180,28 @@ def test_row_scale_gradcheck():
         lambda a, b, mm: fused.row_scale(a, b, mm, None, W1, (W1 * W1).sum(1), 1.3, False), (A1, B1, m[:d]))
 
 
+def test_row_scales_with_slices_sharing_a_base_weight_gradcheck():
+    """The bank's form: three slices, two of them rows of one weight (a qkv's q and v, with rows of no slice
+    between them), one of another; values equal the norm of the materialised rows, gradients gradcheck."""
+    torch.manual_seed(0)
+    S, d, r, n = 3, 4, 2, 5
+    W_qkv, W_other = torch.randn(3 * d, n, dtype=torch.float64), torch.randn(d, n, dtype=torch.float64)
+    layout = ((0, 0), (0, 2 * d), (1, 0))
+    rows = [W_qkv[:d], W_qkv[2 * d :], W_other]
+    A = torch.randn(S, r, n, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(S, d, r, dtype=torch.float64, requires_grad=True)
+    m = (torch.rand(S, d, dtype=torch.float64) + 0.5).requires_grad_(True)
+    t = (torch.rand(S, 1, dtype=torch.float64) + 0.1).requires_grad_(True)
+    w0_sq = torch.stack([(w * w).sum(1) for w in rows])
+
+    def f(a, b, mm, tt):
+        return fused.row_scales(a, b, mm, tt, [W_qkv, W_other], layout, w0_sq, 0.7, False)
+
+    V = torch.stack(rows) + 0.7 * B @ A
+    torch.testing.assert_close(f(A, B, m, t), m / (torch.linalg.vector_norm(V, dim=-1) + t), rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(f, (A, B, m, t))
+
+
 def test_row_scale_matches_the_materialised_norm():
     torch.manual_seed(1)
     A = torch.randn(5, 40, dtype=torch.float64)
