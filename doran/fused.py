@@ -200,7 +200,7 @@ class _RowScale(torch.autograd.Function):
                 for k, i in enumerate(on):
                     row = layout[i][1]
                     parts[i] = P[row : row + d, k * r : (k + 1) * r]
-            WAt = torch.stack(parts)  # (S, d, r)
+            WAt = _bank._stack(parts)  # (S, d, r); traced: a tree of fused stacks of <= 8
             BAAt = B @ (A @ A.transpose(1, 2))  # (S, d, r)
             q = torch.add(w0_sq.reshape(S, d), (B * torch.add(WAt, BAAt, alpha=s / 2)).sum(-1), alpha=2.0 * s)
             n = q.clamp_min(0).sqrt().reshape(m.shape)
@@ -239,7 +239,7 @@ class _RowScale(torch.autograd.Function):
                     C = times_weight(M[0] if len(M) == 1 else torch.cat(M), W)  # (k r, in)
                     for k, i in enumerate(on):
                         parts[i] = C[k * r : (k + 1) * r]
-                cross = torch.stack(parts)  # (S, r, in)
+                cross = _bank._stack(parts)  # (S, r, in)
                 dA = torch.add(cross, (DB.transpose(1, 2) @ B) @ A, alpha=s) * (2.0 * s)
         return (dA, dB, dm, dt, None, None, None, None) + (None,) * ctx.n_w
 
