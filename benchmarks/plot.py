@@ -3,11 +3,12 @@
     python -m benchmarks.plot            # figures/bench_step_time.{png,pdf}, figures/bench_layer_sweep.{png,pdf}
 
 ``bench_step_time``: per workload (ViT-B/16, LLaMA-shaped), wall step time and GPU-busy time of every
-variant, eager and compiled (torch.compile with CUDA graphs, the Lightning modules' default on a GPU), as
-ratios to our LoRA in the same run and the same execution mode. The compiled rows come from the
-``*-compiled.json`` files where they exist (the later measurement of the compiled default), the eager rows
-from ``gpu-h100-{vit,llama}.json``. ``bench_layer_sweep``: the single-layer sweep, DoRAN's
-GPU-busy time over LoRA's against tokens per step, with g applied to the weight and to the output.
+variant, eager and compiled (``doran.compile_model`` with CUDA graphs, the Lightning modules' default on a
+GPU), as ratios to our LoRA in the same run and the same execution mode, from
+``gpu-h200-{vit,llama}.json`` (one run per workload; ``--models`` takes other files, and where a workload
+comes from several, a later file's compiled rows replace earlier ones). ``bench_layer_sweep``: the
+single-layer sweep, DoRAN's GPU-busy time over LoRA's against tokens per step, with g applied to the weight
+and to the output.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def plot_step_time(results: dict, out: Path) -> None:
     from matplotlib.patches import Patch
 
     axes[0][0].legend(handles=[Patch(color="#4c72b0", label="wall step time"),
-                               Patch(color="#dd8452", label="GPU-busy time")], loc="lower right", fontsize=8)
+                               Patch(color="#dd8452", label="GPU-busy time")], loc="upper right", fontsize=8)
     fig.subplots_adjust(wspace=0.55)
-    fig.suptitle("Adapter-only training step, bf16 autocast; hatched: torch.compile + CUDA graphs (ratios to "
+    fig.suptitle("Adapter-only training step, bf16 autocast; hatched: compiled + CUDA graphs (ratios to "
                  f"LoRA of the same run and mode); {results['device'].get('cuda_device', '')}", fontsize=11)
     _save(fig, out)
 
@@ -103,8 +104,8 @@ def plot_layer_sweep(results: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=[str(ROOT / f"benchmarks/results/gpu-h100-{f}.json")
-                                                         for f in ("vit", "llama", "vit-compiled", "llama-compiled")])
+    parser.add_argument("--models", nargs="+", default=[str(ROOT / f"benchmarks/results/gpu-h200-{f}.json")
+                                                         for f in ("vit", "llama")])
     parser.add_argument("--layers", default=str(ROOT / "benchmarks/results/gpu-h100-layer-sweep.json"))
     parser.add_argument("--out", default=str(ROOT / "figures"))
     args = parser.parse_args(argv)
