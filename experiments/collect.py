@@ -534,8 +534,9 @@ def collect_sweep(folder: str | Path, include_all: bool = False) -> dict[str, An
     # the per-step traces are the bulk: 6 significant digits, and the gradient norms gzip-compressed
     for name, frame in (("tau", tau), ("grad_norm", grad), ("reach", reach)):
         path = folder / (f"{name}.csv.gz" if name == "grad_norm" else f"{name}.csv")
-        if not frame.empty:
-            frame.to_csv(path, index=False, float_format="%.6g")
+        if not frame.empty:  # gzip without a timestamp: the same results give the same bytes
+            compression = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
+            frame.to_csv(path, index=False, float_format="%.6g", compression=compression)
         elif path.exists():
             path.unlink()
         stale = folder / f"{name}.csv"  # an uncompressed grad_norm.csv of an earlier version

@@ -89,8 +89,8 @@ def save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.tight_layout()
-    for path in paths:
-        fig.savefig(path, bbox_inches="tight")
+    for path in paths:  # no creation date in the PDF: the same results give the same bytes
+        fig.savefig(path, bbox_inches="tight", metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
     plt.close(fig)
     return paths
 

@@ -372,3 +372,20 @@ def test_tune_resumes_and_writes_the_tuned_file_only_once_the_budget_is_spent(tm
     assert doc["trials"]["complete"] + doc["trials"]["pruned"] == 2 and doc["storage"].startswith(
         "sqlite:///"
     )
+
+
+def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
+    """`make figures` on unchanged results leaves the committed figures unchanged (no date in the PDF)."""
+    import time
+
+    import matplotlib.pyplot as plt
+
+    from experiments import plots
+
+    written = []
+    for run in ("a", "b"):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        written.append([p.read_bytes() for p in plots.save(fig, tmp_path / run, "figure")])
+        time.sleep(1.1)  # a creation date would differ by a second
+    assert written[0] == written[1]
