@@ -16,9 +16,13 @@ It runs from a forward pre-hook on the model given to ``inject`` and hands each 
 that forward (and for a recomputation of the layer in its backward, as activation checkpointing does), so
 every forward, also several per optimizer step (gradient accumulation), builds its own autograd graph.
 Under ``torch.compile`` the hook is traced too: the batched computation becomes part of the graph and the
-tensors reach the layers through a dict the compiler tracks (``handed``), which cuts DoRAN's compiled
+tensors reach the layers through a dict the compiler tracks (``handed``), which cut DoRAN's compiled
 kernels per step from 1768 to 1041 on ViT-B/16 (LoRA: 601); ``set_execution(compiled_bank=False)`` traces
-each slice's own computation instead. A layer called outside its model's forward, a sharded model (FSDP
+each slice's own computation instead. Compile through ``doran.compile_model``: ``torch.compile(model)``
+compiles a module's hooks as frames of their own, so the bank would be a graph of its own whose tensors
+cross into the forward's graph each step (the same values, a second CUDA-graph replay). Traced, stacks of
+more than 8 tensors are built as trees (``_stack``: Inductor copies each input of a larger cat in a kernel
+of its own) and a first layer shared by q and v is stacked once (``_stack_shared``). A layer called outside its model's forward, a sharded model (FSDP
 holds the parameters of other layers sharded during the root forward) and per-head factors (HoRA) use the
 per-slice computation.
 """

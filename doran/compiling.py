@@ -5,7 +5,8 @@
 ``"auto"`` (default)   ``"reduce-overhead"`` on a CUDA device, ``"none"`` elsewhere and under a sharding
                        strategy (FSDP). On a GPU the eager step is bound by the host launching kernels one at
                        a time (docs/benchmarks.md); compiled, DoRAN's small ops are fused (doran/fused.py's
-                       autograd nodes are traced) and CUDA graphs replay forward and backward in one launch.
+                       autograd nodes and the adapter bank are traced, as one graph: ``compile_model``) and
+                       CUDA graphs replay forward and backward in one launch each.
 ``"none"``             eager, the fused path and the adapter bank.
 ``"default"``          ``torch.compile`` with Inductor, no CUDA graphs.
 ``"reduce-overhead"``  Inductor plus CUDA graphs.
@@ -16,6 +17,9 @@ CUDA graphs are recorded per input shape, so under ``"reduce-overhead"`` token b
 right to a multiple of ``TOKEN_MULTIPLE`` (attention mask 0, label -100: the loss and the logits of the
 real tokens do not change), which bounds the number of shapes to ``max_length / TOKEN_MULTIPLE``. The
 first steps of each shape and of each mode (training, evaluation) pay the compilation (tens of seconds).
+
+On a GPU the modules step ``doran.optim.FusedAdamW`` (``adamw``), whatever the compile mode: torch's fused
+AdamW without its per-tensor host work, which the compiled step cannot hide.
 """
 
 from __future__ import annotations
