@@ -11,9 +11,11 @@ replayed from a CUDA graph: on one H200, ViT-B/16's 194 DoRAN tensors took 1.39 
 the lists of parameters and state tensors of each group, and from then on only gathers the gradients and
 calls the same fused kernel with the same arguments (and clears the gradients from the same lists): the
 update is torch's, bit for bit
-(tests/test_compiling.py). Whatever the lean step does not cover (a parameter without gradient in this
-step, amsgrad, maximize, a gradient scaler's ``grad_scale``/``found_inf``, tensor hyper-parameters, new
-groups, a loaded state) is handed to torch's own step, and the lists are rebuilt after it.
+(tests/test_compiling.py). Tensors that never had a gradient (no state yet) are kept apart and must still
+have none. Whatever the lean step does not cover (a tensor with state but without gradient in this step, a
+first gradient, amsgrad, maximize, a gradient scaler's ``grad_scale``/``found_inf``, tensor
+hyper-parameters, new groups, a loaded state) is handed to torch's own step, and the lists are rebuilt
+after it.
 """
 
 from __future__ import annotations
@@ -38,16 +40,19 @@ class FusedAdamW(torch.optim.AdamW):
                     or any(torch.is_tensor(b) for b in group["betas"]))
 
     def _build_lists(self) -> None:
+        """Per group: the parameters with state, their state tensors, and the parameters without state (never
+        given a gradient so far: the lean step requires that they still have none)."""
         lists = []
         for group in self.param_groups:
-            params = list(group["params"])
-            states = [self.state.get(p) for p in params]
-            if not self._lean(group) or any(not s or "exp_avg" not in s for s in states) or \
+            params = [p for p in group["params"] if self.state.get(p)]
+            idle = [p for p in group["params"] if not self.state.get(p)]
+            states = [self.state[p] for p in params]
+            if not self._lean(group) or any("exp_avg" not in s for s in states) or \
                     len({(p.device, p.dtype) for p in params}) > 1:
                 self._lists = None
                 return
             lists.append((params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                          [s["step"] for s in states]))
+                          [s["step"] for s in states], idle))
         self._lists = lists
 
     @torch.no_grad()
@@ -57,14 +62,15 @@ class FusedAdamW(torch.optim.AdamW):
                 getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             return False
         grads_of = []
-        for group, (params, *_) in zip(self.param_groups, self._lists):
-            if len(group["params"]) != len(params) or not self._lean(group):
+        for group, (params, *_, idle) in zip(self.param_groups, self._lists):
+            if len(group["params"]) != len(params) + len(idle) or not self._lean(group):
                 return False
             grads = [p.grad for p in params]
-            if any(g is None or g.is_sparse for g in grads):
+            if any(g is None or g.is_sparse for g in grads) or any(p.grad is not None for p in idle):
                 return False
             grads_of.append(grads)
-        for group, (params, exp_avgs, exp_avg_sqs, steps), grads in zip(self.param_groups, self._lists, grads_of):
+        for group, (params, exp_avgs, exp_avg_sqs, steps, _), grads in zip(self.param_groups, self._lists,
+                                                                         grads_of):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
@@ -87,8 +93,10 @@ class FusedAdamW(torch.optim.AdamW):
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not set_to_none or self._lists is None:
             return super().zero_grad(set_to_none)
-        for params, *_ in self._lists:  # the kept lists: no walk through the groups
+        for params, *_, idle in self._lists:  # the kept lists: no walk through the groups
             for p in params:
+                p.grad = None
+            for p in idle:
                 p.grad = None
         return None
 
