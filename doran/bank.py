@@ -22,9 +22,9 @@ each slice's own computation instead. Compile through ``doran.compile_model``: `
 compiles a module's hooks as frames of their own, so the bank would be a graph of its own whose tensors
 cross into the forward's graph each step (the same values, a second CUDA-graph replay). Traced, stacks of
 more than 8 tensors are built as trees (``_stack``: Inductor copies each input of a larger cat in a kernel
-of its own) and a first layer shared by q and v is stacked once (``_stack_shared``). A layer called outside its model's forward, a sharded model (FSDP
-holds the parameters of other layers sharded during the root forward) and per-head factors (HoRA) use the
-per-slice computation.
+of its own) and a first layer shared by q and v is stacked once (``_stack_shared``). A layer called
+outside its model's forward, a sharded model (FSDP holds the parameters of other layers sharded during the
+root forward) and per-head factors (HoRA) use the per-slice computation.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ class _StackLaidOut(torch.autograd.Function):
 def _stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Stack S tensors of which runs of k consecutive ones are the same tensor (a first layer shared by the
     q and v of a block, ``sharing="qv_first"``; all of them under ``"global"``): each distinct tensor is
-    stacked once and expanded, so its gradient is one sum instead of k stacked copies added up. Either way
-    the gradients come back in the tensors' own layout (``_StackLaidOut``)."""
+    stacked once and expanded, so its gradient is one sum instead of k stacked copies added up. Distinct
+    tensors are stacked by ``_StackLaidOut`` (gradients in the tensors' own layout)."""
     n = len(tensors)
     k = 1
     while k < n and tensors[k] is tensors[0]:
