@@ -177,7 +177,8 @@ def _needs(ctx, k: int) -> tuple[bool, ...]:
 
 class _RowScale(torch.autograd.Function):
     """g from A (S, r, in), B (S, d, r), m and w0_sq (S, d) or (S*d,), t (broadcastable to m) or None and the
-    frozen base weights ``Ws``: slice s has the d rows of ``Ws[layout[s][0]]`` from row ``layout[s][1]`` on
+    frozen base weights ``Ws``: ``members[j]`` lists (slice s, first row) of the slices whose d rows belong to
+    ``Ws[j]``
     (a qkv's q and v slices share one weight; per-head factors are row blocks of one weight).
 
     q = ||W0||^2 + 2 s <B, W0 A^T>_row + s^2 <B A A^T, B>_row, n = sqrt(max(q, 0)), g = m / (n + t).
@@ -188,17 +189,15 @@ class _RowScale(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A, B, m, t, w0_sq, s: float, detach: bool, layout, *Ws):
+    def forward(ctx, A, B, m, t, w0_sq, s: float, detach: bool, members, *Ws):
         with _no_autocast(A.device.type):
             S, r, _ = A.shape
             d = B.shape[1]
             parts: list[Any] = [None] * S
-            for j, W in enumerate(Ws):
-                on = [i for i, (w, _) in enumerate(layout) if w == j]
-                A_j = A[on[0]] if len(on) == 1 else torch.cat([A[i] for i in on])  # (k r, in)
+            for W, on in zip(Ws, members):
+                A_j = A[on[0][0]] if len(on) == 1 else torch.cat([A[i] for i, _ in on])  # (k r, in)
                 P = weight_times(W, A_j.t())  # (rows of W, k r)
-                for k, i in enumerate(on):
-                    row = layout[i][1]
+                for k, (i, row) in enumerate(on):
                     parts[i] = P[row : row + d, k * r : (k + 1) * r]
             WAt = _bank._stack(parts)  # (S, d, r); traced: a tree of fused stacks of <= 8
             BAAt = B @ (A @ A.transpose(1, 2))  # (S, d, r)
@@ -206,7 +205,7 @@ class _RowScale(torch.autograd.Function):
             n = q.clamp_min(0).sqrt().reshape(m.shape)
             den = n if t is None else n + t
             g = m / den
-        ctx.s, ctx.detach, ctx.layout, ctx.n_w = s, detach, layout, len(Ws)
+        ctx.s, ctx.detach, ctx.members, ctx.n_w = s, detach, members, len(Ws)
         ctx.t_shape = None if t is None else t.shape
         ctx.save_for_backward(A, B, WAt, BAAt, n, den, g, *Ws)
         return g
@@ -214,7 +213,7 @@ class _RowScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dg):
         A, B, WAt, BAAt, n, den, g, *Ws = ctx.saved_tensors
-        s, layout = ctx.s, ctx.layout
+        s, members = ctx.s, ctx.members
         with _no_autocast(A.device.type):
             dm = dg / den
             dden = -dg * g / den
@@ -231,13 +230,12 @@ class _RowScale(torch.autograd.Function):
                 dB = (2.0 * s) * Dq * torch.add(WAt, BAAt, alpha=s)
                 DB = Dq * B  # (S, d, r)
                 parts: list[Any] = [None] * S
-                for j, W in enumerate(Ws):
-                    on = [i for i, (w, _) in enumerate(layout) if w == j]
+                for W, on in zip(Ws, members):
                     rows = W.shape[0]
-                    M = [F.pad(DB[i].t(), (layout[i][1], rows - layout[i][1] - d)) if rows != d else DB[i].t()
-                         for i in on]  # each (r, rows of W): the slice's (D B)^T in its rows, 0 elsewhere
+                    M = [F.pad(DB[i].t(), (row, rows - row - d)) if rows != d else DB[i].t()
+                         for i, row in on]  # each (r, rows of W): the slice's (D B)^T in its rows, 0 elsewhere
                     C = times_weight(M[0] if len(M) == 1 else torch.cat(M), W)  # (k r, in)
-                    for k, i in enumerate(on):
+                    for k, (i, _) in enumerate(on):
                         parts[i] = C[k * r : (k + 1) * r]
                 cross = _bank._stack(parts)  # (S, r, in)
                 dA = torch.add(cross, (DB.transpose(1, 2) @ B) @ A, alpha=s) * (2.0 * s)
@@ -250,15 +248,19 @@ def row_scale(A, B, m, t, W, w0_sq, s: float, detach: bool) -> torch.Tensor:
     if A.ndim == 2:
         A, B = A.unsqueeze(0), B.unsqueeze(0)
     d = B.shape[1]
-    layout = tuple((0, i * d) for i in range(A.shape[0]))  # per head: row blocks of the one W
-    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), layout, W.detach())
+    members = (tuple((i, i * d) for i in range(A.shape[0])),)  # per head: row blocks of the one W
+    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), members, W.detach())
 
 
 def row_scales(A, B, m, t, weights, layout, w0_sq, s: float, detach: bool) -> torch.Tensor:
     """g (S, out) of S slices at once (the adapter bank, doran/bank.py): A (S, r, in), B (S, out, r), m, w0_sq
     (S, out), t (S, 1) / (S, out) / None; slice s has the rows of ``weights[layout[s][0]]`` (a frozen base
     weight) from row ``layout[s][1]`` on."""
-    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), tuple(layout), *(W.detach() for W in weights))
+    members: list[list[tuple[int, int]]] = [[] for _ in weights]
+    for i, (w, row) in enumerate(layout):
+        members[w].append((i, row))
+    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), tuple(map(tuple, members)),
+                           *(W.detach() for W in weights))
 
 
 # ------------------------------------------------------------------------------ the fused layer
