@@ -64,13 +64,15 @@ class WholeCall(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def compile_model(model: nn.Module, mode: str = "reduce-overhead") -> nn.Module:
+def compile_model(model: nn.Module, mode: str = "auto") -> nn.Module:
     """``model`` itself for ``"none"``, else a ``torch.compile`` wrapper that shares its parameters and traces
-    its hooks and forward as one graph (``WholeCall``); ``mode`` is one of ``COMPILE_MODES`` but ``"auto"``.
-    Use this rather than ``torch.compile(model)`` on an injected model (doran/bank.py)."""
-    check_compile(mode)
+    its hooks and forward as one graph (``WholeCall``); ``mode`` is one of ``COMPILE_MODES``, ``"auto"``
+    resolved on the device of the model's parameters (CUDA graphs on a GPU, eager on a CPU). Use this
+    rather than ``torch.compile(model)`` on an injected model (doran/bank.py)."""
     if mode == "auto":
-        raise ValueError('compile_model takes a concrete mode; resolve "auto" with resolve_compile first')
+        param = next(model.parameters(), None)
+        mode = resolve_compile(mode, param.device.type if param is not None else "cpu")
+    check_compile(mode)
     if mode == "none":
         return model
     if mode == "aot_eager":
