@@ -124,7 +124,7 @@ def _generate(embs, firsts, seconds) -> torch.Tensor:
 def _traced_stats(group) -> tuple[torch.Tensor, torch.Tensor]:
     """``_weight_stats`` of a group's slices, batched, as the compiled graph computes them each step: one row
     norm per base layer (the q and v slices of a qkv share it), the tau scales of all slices at once."""
-    from .layers import param_dtype
+    from .layers import norm_stats, param_dtype
 
     norms_of: dict[int, torch.Tensor] = {}
     rows = []
@@ -135,12 +135,7 @@ def _traced_stats(group) -> tuple[torch.Tensor, torch.Tensor]:
                 norms = torch.linalg.vector_norm(layer.weight.detach().to(param_dtype(layer.weight)), dim=1)
             norms_of[id(layer)] = norms
         rows.append(norms[ad.rows])
-    norms = _stack(rows)  # (S, out)
-    cfg = group[0][1].cfg
-    mean = norms.mean(1, keepdim=True)
-    mean = torch.where(mean > 0, mean, torch.ones_like(mean))  # (S, 1)
-    row_scale = torch.maximum(norms, cfg.tau_floor * mean) if cfg.tau_granularity == "row" else mean
-    return norms * norms, row_scale
+    return norm_stats(_stack(rows), group[0][1].cfg)  # norms (S, out)
 
 
 def _layout(group) -> tuple[list[nn.Module], tuple[tuple[int, int], ...]]:

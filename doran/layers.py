@@ -59,6 +59,15 @@ def param_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def norm_stats(norms: torch.Tensor, cfg: AdapterConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``||W0||^2_row`` and the tau scale from the row norms (..., out) of W0 (one slice, or a stack of them):
+    per row ``max(||W0_i||, tau_floor * mean_i ||W0_i||)``, else the mean norm (..., 1) (1 where it is 0)."""
+    mean = norms.mean(-1, keepdim=True)
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
+    row_scale = torch.maximum(norms, cfg.tau_floor * mean) if cfg.tau_granularity == "row" else mean
+    return norms * norms, row_scale
+
+
 def safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
     """sqrt of a squared norm: clamps rounding negatives to 0; derivative 0 (a subgradient) at 0."""
     positive = sq > 0
@@ -257,14 +266,7 @@ class SliceAdapter(nn.Module):
     def _compute_weight_stats(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             W = weight.detach()[self.rows].to(param_dtype(weight))
-            norms = torch.linalg.vector_norm(W, dim=1)  # (out,)
-            mean = norms.mean()
-            mean = torch.where(mean > 0, mean, torch.ones_like(mean))
-            if self.cfg.tau_granularity == "row":
-                row_scale = torch.maximum(norms, self.cfg.tau_floor * mean)  # (out,)
-            else:
-                row_scale = mean.reshape(1)  # (1,)
-        return norms * norms, row_scale
+            return norm_stats(torch.linalg.vector_norm(W, dim=1), self.cfg)  # norms (out,)
 
     def tau_relative(self) -> torch.Tensor | None:
         """tau in units of the row norm: (1,) or (out,); None for tau_mode='zero'."""

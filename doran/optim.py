@@ -10,8 +10,7 @@ replayed from a CUDA graph: on one H200, ViT-B/16's 194 DoRAN tensors took 1.39 
 ``FusedAdamW`` takes torch's first step as it is (which creates the state exactly as torch does), keeps
 the lists of parameters and state tensors of each group, and from then on only gathers the gradients and
 calls the same fused kernel with the same arguments (and clears the gradients from the same lists): the
-update is torch's, bit for bit
-(tests/test_compiling.py). Tensors that never had a gradient (no state yet) are kept apart and must still
+update is torch's, bit for bit (tests/test_compiling.py). Tensors that never had a gradient (no state yet) are kept apart and must still
 have none. Whatever the lean step does not cover (a tensor with state but without gradient in this step, a
 first gradient, amsgrad, maximize, a gradient scaler's ``grad_scale``/``found_inf``, tensor
 hyper-parameters, new groups, a loaded state) is handed to torch's own step, and the lists are rebuilt
