@@ -257,6 +257,7 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
         times.append(time.perf_counter() - t0)
     phases = time_phases(work, model, opt, device, steps) if work.get("phases") and opt is not None else None
     hosts = host_profile(work, model, opt, device) if work.get("cprofile") and opt is not None else None
+    syncs = sync_points(step) if device == "cuda" else None
     result = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
               "step_ms_max": 1e3 * max(times), "steps": steps,
               "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
@@ -267,6 +268,8 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
         result["phase_ms_median"] = phases
     if hosts:
         result["host_profile"] = hosts
+    if syncs is not None:
+        result["sync_points"] = syncs
     if device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -325,6 +328,27 @@ def time_phases(work: dict[str, Any], model: nn.Module, opt, device: str, steps:
             fused_opt.zero_grad(set_to_none=True)
         result["optimizer_fused"] = 1e3 * statistics.median(times)
     return result
+
+
+def sync_points(step: Callable[[], None]) -> list[dict[str, Any]]:
+    """Where one step waits for the GPU (CUDA's sync debug mode): a synchronising op in the step makes an
+    eager step's time the sum of its host and GPU times instead of the larger of the two."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    counts: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            counts[where] = counts.get(where, 0) + 1
+    return [{"where": k, "count": v} for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
 
 
 def host_profile(work: dict[str, Any], model: nn.Module, opt, device: str, steps: int = 10) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ guards it). ``set_execution(compiled="reference")`` makes compiled models trace 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -166,6 +167,63 @@ def times_weight(Y: torch.Tensor, W: torch.Tensor, chunk_elements: int = 1 << 22
     return total
 
 
+_MIXED_BMM = hasattr(torch.ops.aten.bmm, "dtype")
+
+
+def _member_rows(W: torch.Tensor, on, d: int) -> tuple[int, torch.Tensor] | None:
+    """(first slice, W's rows of its slices as a (k, d, in) view) when the slices of W are consecutive in the
+    stack and their rows evenly spaced (the q and v of a qkv, the heads of a weight); else None."""
+    i0 = on[0][0]
+    if any(i != i0 + n for n, (i, _) in enumerate(on)):
+        return None
+    even = _even(tuple((row, row + d) for _, row in on))
+    if even is None:
+        return None
+    start, k, _, step = even
+    return i0, W[start : start + (k - 1) * step + d].unfold(0, d, step).transpose(1, 2)
+
+
+def _batched(Ws, members, d: int, X: torch.Tensor, left: bool) -> torch.Tensor | None:
+    """Every slice's product with its rows of its frozen weight, one bmm per weight on a strided view of its
+    rows (the rows of other slices and the k third of a qkv are not read), in X's precision:
+    ``left``: W_i X_i for X (S, in, c) -> (S, d, c); else X_i^T W_i for X (S, d, c) -> (S, c, in), with
+    W_i slice i's (d, in) rows. A bf16 W on CUDA runs against X split into three bf16 parts (``_split3``,
+    once for all slices) with float32 accumulation. None when a weight's slices are not laid out evenly
+    or the dtypes need the upcast path."""
+    split = _use_split(Ws[0], X) and _MIXED_BMM
+    if not split and Ws[0].dtype != X.dtype:
+        return None
+    views = [_member_rows(W, on, d) for W, on in zip(Ws, members)]
+    if any(v is None for v in views) or [v[0] for v in views] != sorted(v[0] for v in views):
+        return None
+    c = X.shape[2]
+    X3 = torch.cat(_split3(X), dim=2) if split else X  # (S, in or d, 3c or c)
+    kw = {"out_dtype": torch.float32} if split else {}
+    chunks = []
+    for (i0, Wv), on in zip(views, members):
+        Xk = X3[i0 : i0 + len(on)]
+        chunks.append(torch.bmm(Wv, Xk, **kw) if left else torch.bmm(Xk.transpose(1, 2), Wv, **kw))
+    P = _bank._cat(chunks)  # (S, d, 3c) or (S, 3c, in)
+    if not split:
+        return P
+    if left:
+        return P[..., :c] + P[..., c : 2 * c] + P[..., 2 * c :]
+    return P[:, :c] + P[:, c : 2 * c] + P[:, 2 * c :]
+
+
+def _w0_products(Ws, members, d: int, X: torch.Tensor, left: bool) -> torch.Tensor:
+    """``_batched``, or slice by slice with W's rows upcast in blocks (CPU half precision, uneven layouts)."""
+    P = _batched(Ws, members, d, X, left)
+    if P is not None:
+        return P
+    parts: list[Any] = [None] * X.shape[0]
+    for W, on in zip(Ws, members):
+        for i, row in on:
+            rows = W[row : row + d]
+            parts[i] = weight_times(rows, X[i]) if left else times_weight(X[i].t(), rows)
+    return _bank._stack(parts)
+
+
 # ------------------------------------------------------------------------------ g = m / (||V||_row + tau)
 def _needs(ctx, k: int) -> tuple[bool, ...]:
     """Which of the first k inputs want a gradient; all of them while torch.compile traces the backward
@@ -191,15 +249,9 @@ class _RowScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B, m, t, w0_sq, s: float, detach: bool, members, *Ws):
         with _no_autocast(A.device.type):
-            S, r, _ = A.shape
+            S = A.shape[0]
             d = B.shape[1]
-            parts: list[Any] = [None] * S
-            for W, on in zip(Ws, members):
-                A_j = A[on[0][0]] if len(on) == 1 else torch.cat([A[i] for i, _ in on])  # (k r, in)
-                P = weight_times(W, A_j.t())  # (rows of W, k r)
-                for k, (i, row) in enumerate(on):
-                    parts[i] = P[row : row + d, k * r : (k + 1) * r]
-            WAt = _bank._stack(parts)  # (S, d, r); traced: a tree of fused stacks of <= 8
+            WAt = _w0_products(Ws, members, d, A.transpose(1, 2), left=True)  # (S, d, r)
             BAAt = B @ (A @ A.transpose(1, 2))  # (S, d, r)
             q = torch.add(w0_sq.reshape(S, d), (B * torch.add(WAt, BAAt, alpha=s / 2)).sum(-1), alpha=2.0 * s)
             n = q.clamp_min(0).sqrt().reshape(m.shape)
@@ -223,21 +275,13 @@ class _RowScale(torch.autograd.Function):
                 dt = dden.sum_to_size(ctx.t_shape)
             dA = dB = None
             if not ctx.detach and (need[0] or need[1]):
-                S, r, _ = A.shape
+                S = A.shape[0]
                 d = B.shape[1]
                 dq = torch.where(n > 0, dden / (2.0 * n.clamp_min(_TINY)), torch.zeros_like(n))
                 Dq = dq.reshape(S, d, 1)
                 dB = (2.0 * s) * Dq * torch.add(WAt, BAAt, alpha=s)
                 DB = Dq * B  # (S, d, r)
-                parts: list[Any] = [None] * S
-                for W, on in zip(Ws, members):
-                    rows = W.shape[0]
-                    M = [F.pad(DB[i].t(), (row, rows - row - d)) if rows != d else DB[i].t()
-                         for i, row in on]  # each (r, rows of W): the slice's (D B)^T in its rows, 0 elsewhere
-                    C = times_weight(M[0] if len(M) == 1 else torch.cat(M), W)  # (k r, in)
-                    for k, (i, _) in enumerate(on):
-                        parts[i] = C[k * r : (k + 1) * r]
-                cross = _bank._stack(parts)  # (S, r, in)
+                cross = _w0_products(Ws, members, d, DB, left=False)  # (S, r, in)
                 dA = torch.add(cross, (DB.transpose(1, 2) @ B) @ A, alpha=s) * (2.0 * s)
         return (dA, dB, dm, dt, None, None, None, None) + (None,) * ctx.n_w
 
@@ -264,28 +308,84 @@ def row_scales(A, B, m, t, weights, layout, w0_sq, s: float, detach: bool) -> to
 
 
 # ------------------------------------------------------------------------------ the fused layer
+@lru_cache(maxsize=256)
+def _even(ranges: tuple[tuple[int, int], ...]) -> tuple[int, int, int, int] | None:
+    """(first row, k slices, d rows each, row spacing) when a layer's k slices have one size and even spacing
+    (one slice; the q and v of a timm qkv): their rows of any (.., out) tensor are then one strided view
+    (``_cols``), so the per-slice work runs as one op for all of them. None for other layouts."""
+    start, d = ranges[0][0], ranges[0][1] - ranges[0][0]
+    step = ranges[1][0] - start if len(ranges) > 1 else d
+    if any(b - a != d or a != start + i * step for i, (a, b) in enumerate(ranges)):
+        return None
+    return start, len(ranges), d, step
+
+
+def _cols(Y: torch.Tensor, even: tuple[int, int, int, int]) -> torch.Tensor:
+    """The slices' columns of Y (N, out) as a (N, k, d) view, or of a vector (out,) as (k, d)."""
+    start, k, d, step = even
+    stop = start + (k - 1) * step + d
+    return Y[start:stop].unfold(0, d, step) if Y.ndim == 1 else Y[:, start:stop].unfold(1, d, step)
+
+
+def _blocks(Y: torch.Tensor, even: tuple[int, int, int, int]) -> torch.Tensor:
+    """The diagonal blocks of Y (out, k r) (slice j: its d rows and its r columns) as a (k, d, r) view."""
+    start, k, d, step = even
+    R = Y.shape[1]
+    r = R // k
+    return Y[start:].as_strided((k, d, r), (step * Y.stride(0) + r * Y.stride(1), Y.stride(0), Y.stride(1)))
+
+
+def _spread(Bs: list[torch.Tensor], ranges, out: int) -> torch.Tensor:
+    """B_big (out, R): slice k's B (its rows, R_k columns) in its rows and its own columns, zeros elsewhere."""
+    R = sum(B.shape[1] for B in Bs)
+    pieces, col, last = [], 0, 0
+    for B, (start, stop) in zip(Bs, ranges):
+        if start > last:
+            pieces.append(B.new_zeros(start - last, R))
+        pieces.append(B if B.shape[1] == R else F.pad(B, (col, R - col - B.shape[1])))
+        col += B.shape[1]
+        last = stop
+    if last < out:
+        pieces.append(pieces[-1].new_zeros(out - last, R))
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
 class _FusedLinear(torch.autograd.Function):
     """out = g * (x W^T) + h (s g B_big)^T + b, g = 1 outside ``ranges`` (or everywhere for LoRA: gcat None).
 
-    x (N, in), W (out, in), b (out,) or None, h (N, R): all in the compute dtype; B_big (out, R) and gcat
-    (sum of slice rows,) in the adapter's precision.
+    x (N, in), W (out, in), b (out,) or None, h (N, R): all in the compute dtype; gcat (sum of slice rows,)
+    and B in the adapter's precision, either B_big (out, R) or, for evenly laid out slices (``_even``), the
+    slices' B stacked (k, d, r): B_big is then built here without autograd, and the backward hands back the
+    gradient of the stack (its diagonal blocks) and computes dL/dg of all slices through strided views,
+    a handful of ops per layer whatever k is.
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, h, B_big, gcat, ranges, s: float, mode: str):
+    def forward(ctx, x, W, b, h, B, gcat, ranges, s: float, mode: str):
         cd = x.dtype
+        out_f = W.shape[0]
+        pure = torch.compiler.is_compiling()  # out-of-place while traced: the compiler fuses it anyway
+        even = _even(ranges) if not pure else None
         with _no_autocast(x.device.type):
-            Bs = (B_big * s).to(cd)
-            pure = torch.compiler.is_compiling()  # out-of-place while traced: the compiler fuses it anyway
+            if B.ndim == 2:
+                Bs = (B * s).to(cd)
+            elif even is not None:  # the stacked slices into their blocks of a zero B_big
+                Bs = B.new_zeros((out_f, B.shape[0] * B.shape[2]), dtype=cd)
+                _blocks(Bs, even).copy_(B * s)
+            else:
+                Bs = (_spread(list(B.unbind(0)), ranges, out_f) * s).to(cd)
             g = None
-            if gcat is not None and ranges == ((0, W.shape[0]),):
+            if gcat is not None and ranges == ((0, out_f),):
                 g = gcat.to(cd)
+            elif gcat is not None and even is not None:
+                g = torch.ones(out_f, dtype=cd, device=gcat.device)
+                _cols(g, even).copy_(gcat.view(even[1], even[2]))
             elif gcat is not None:
                 pieces, offset, last = [], 0, 0
                 for start, stop in ranges:
                     pieces += [gcat.new_ones(start - last), gcat[offset : offset + stop - start]]
                     offset, last = offset + stop - start, stop
-                g = torch.cat(pieces + [gcat.new_ones(W.shape[0] - last)]).to(cd)
+                g = torch.cat(pieces + [gcat.new_ones(out_f - last)]).to(cd)
             if g is None:
                 out = F.linear(x, W, b)
                 out = torch.addmm(out, h, Bs.t()) if pure else out.addmm_(h, Bs.t())
@@ -303,7 +403,7 @@ class _FusedLinear(torch.autograd.Function):
                 if b is not None:
                     out.add_(b)
         ctx.s, ctx.mode, ctx.ranges = s, mode, ranges
-        ctx.B_dtype = B_big.dtype
+        ctx.B_dtype, ctx.B_ndim = B.dtype, B.ndim
         ctx.has_bias = b is not None
         ctx.save_for_backward(W, b, h, Bs, g, gcat, out if g is not None else None)
         return out
@@ -312,6 +412,9 @@ class _FusedLinear(torch.autograd.Function):
     def backward(ctx, dy):
         W, b, h, Bs, g, gcat, out = ctx.saved_tensors
         need_x, _, need_b, need_h, need_B, need_g = _needs(ctx, 6)
+        ranges, s = ctx.ranges, ctx.s
+        even = _even(ranges)
+        strided = even is not None and not torch.compiler.is_compiling()
         dx = db = dh = dB = dg = None
         with _no_autocast(dy.device.type):
             dy = dy.contiguous()
@@ -326,22 +429,37 @@ class _FusedLinear(torch.autograd.Function):
             if need_h:
                 dh = dz @ Bx
             if need_B:
-                dB = (dy.t() @ h).to(ctx.B_dtype)
-                row = ctx.s if g is None else ctx.s * g.to(ctx.B_dtype)[:, None]
-                dB = dB * row
+                dBig = dy.t() @ h  # (out, R)
+                if ctx.B_ndim == 2:
+                    dB = dBig.to(ctx.B_dtype) * (s if g is None else s * g.to(ctx.B_dtype)[:, None])
+                else:  # the stack's gradient: the diagonal blocks, each row times s g
+                    if strided:
+                        dB = _blocks(dBig, even).to(ctx.B_dtype)
+                    else:
+                        r = dBig.shape[1] // len(ranges)
+                        dB = torch.stack([dBig[a:z, j * r : (j + 1) * r] for j, (a, z) in enumerate(ranges)])
+                        dB = dB.to(ctx.B_dtype)
+                    dB = dB * (s if gcat is None else gcat.view(dB.shape[0], -1, 1) * s)
             if need_b and ctx.has_bias:
                 db = dy.sum(0)
             if need_g and g is not None:
-                parts = []
                 acc = gcat.dtype
-                for start, stop in ctx.ranges:
-                    dyk, ok = dy[:, start:stop], out[:, start:stop]
-                    raw = (dyk * ok).sum(0, dtype=acc)
-                    if b is not None:
-                        raw = raw - b[start:stop].to(acc) * dyk.sum(0, dtype=acc)
-                    parts.append(raw)
-                raw = torch.cat(parts) if len(parts) > 1 else parts[0]
-                dg = torch.where(gcat != 0, raw / gcat, 0.0)  # g = 0: z is not in the output (module doc)
+                if strided:  # every slice at once through (N, k, d) views of dy and out
+                    dyv = _cols(dy, even)
+                    raw = (dyv * _cols(out, even)).sum(0, dtype=acc)
+                    if b is not None:  # z = (out - b) / g
+                        raw = torch.addcmul(raw, _cols(b, even), dyv.sum(0, dtype=acc), value=-1)
+                    dg = raw.reshape(-1).div_(gcat).masked_fill_(gcat == 0, 0.0)
+                else:
+                    parts = []
+                    for start, stop in ranges:
+                        dyk, ok = dy[:, start:stop], out[:, start:stop]
+                        raw = (dyk * ok).sum(0, dtype=acc)
+                        if b is not None:
+                            raw = raw - b[start:stop].to(acc) * dyk.sum(0, dtype=acc)
+                        parts.append(raw)
+                    raw = torch.cat(parts) if len(parts) > 1 else parts[0]
+                    dg = torch.where(gcat != 0, raw / gcat, 0.0)  # g = 0: z is not in the output (module doc)
         return dx, None, db, dh, dB, dg, None, None, None
 
 
@@ -387,26 +505,19 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
                       dim=1)
     else:
         h = F.linear(xc, A_cat.to(cd))  # (N, R): one GEMM for every slice
-    R = h.shape[1]
 
-    pieces, col, last = [], 0, 0
-    for ad, (_, B) in zip(ads, factors):
-        Bk = _block_rows(B)
-        if ad.start > last:
-            pieces.append(Bk.new_zeros(ad.start - last, R))
-        pieces.append(Bk if Bk.shape[1] == R else F.pad(Bk, (col, R - col - Bk.shape[1])))
-        col += Bk.shape[1]
-        last = ad.stop
-    if last < out_f:
-        pieces.append(pieces[-1].new_zeros(out_f - last, R))
-    B_big = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
+    ranges = tuple((ad.start, ad.stop) for ad in ads)
+    if len(ads) == 1 and ranges == ((0, out_f),):
+        B_in = _block_rows(factors[0][1])  # (out, R) is B_big itself
+    elif all(B.ndim == 2 and B.shape == factors[0][1].shape for _, B in factors):
+        B_in = torch.stack([B for _, B in factors])  # (k, d, r): spread into B_big inside the node
+    else:  # per-head factors (block-diagonal B per slice), slices of different sizes
+        B_in = _spread([_block_rows(B) for _, B in factors], ranges, out_f)
     gcat, mode = None, "none"
     if ads[0].cfg.magnitude:
         gs = [ad.scale_vector(layer.weight, A, B) if bk is None or bk[2] is None else bk[2]
               for ad, (A, B), bk in zip(ads, factors, banked)]
         gcat = torch.cat(gs) if len(gs) > 1 else gs[0]
         mode = _scale_mode(x2.shape[0], in_f)
-    ranges = tuple((ad.start, ad.stop) for ad in ads)
-    out = _FusedLinear.apply(xc, W, b, h, B_big, gcat, ranges, float(ads[0].s), mode)
+    out = _FusedLinear.apply(xc, W, b, h, B_in, gcat, ranges, float(ads[0].s), mode)
     return out.reshape(*lead, out_f)

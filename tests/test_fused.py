@@ -180,14 +180,16 @@ def test_row_scale_gradcheck():
         lambda a, b, mm: fused.row_scale(a, b, mm, None, W1, (W1 * W1).sum(1), 1.3, False), (A1, B1, m[:d]))
 
 
-def test_row_scales_with_slices_sharing_a_base_weight_gradcheck():
+@pytest.mark.parametrize("layout", [((0, 0), (0, 8), (1, 0)),   # q and v of a qkv: one bmm on a strided view
+                                    ((0, 0), (0, 5), (1, 0)),   # another spacing (rows 4 shared by no slice)
+                                    ((0, 8), (1, 0), (0, 0))])  # a weight's slices apart in the stack: slice by slice
+def test_row_scales_with_slices_sharing_a_base_weight_gradcheck(layout):
     """The bank's form: three slices, two of them rows of one weight (a qkv's q and v, with rows of no slice
     between them), one of another; values equal the norm of the materialised rows, gradients gradcheck."""
     torch.manual_seed(0)
     S, d, r, n = 3, 4, 2, 5
     W_qkv, W_other = torch.randn(3 * d, n, dtype=torch.float64), torch.randn(d, n, dtype=torch.float64)
-    layout = ((0, 0), (0, 2 * d), (1, 0))
-    rows = [W_qkv[:d], W_qkv[2 * d :], W_other]
+    rows = [(W_qkv, W_other)[w][row : row + d] for w, row in layout]
     A = torch.randn(S, r, n, dtype=torch.float64, requires_grad=True)
     B = torch.randn(S, d, r, dtype=torch.float64, requires_grad=True)
     m = (torch.rand(S, d, dtype=torch.float64) + 0.5).requires_grad_(True)
@@ -216,16 +218,21 @@ def test_row_scale_matches_the_materialised_norm():
 
 @pytest.mark.parametrize("mode", ["none", "weight", "output"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_linear_gradcheck(mode, bias):
+@pytest.mark.parametrize("B_form, ranges", [("big", ((0, 3), (6, 9))), ("stacked", ((0, 3), (6, 9))),
+                                            ("stacked", ((0, 3), (4, 7))), ("stacked", ((2, 5),))])
+def test_fused_linear_gradcheck(mode, bias, B_form, ranges):
+    """Both forms of B: B_big (out, R), and the slices' B stacked (k, d, r), evenly spaced (strided views in
+    the backward) or not (per-slice ops)."""
     torch.manual_seed(0)
-    N, n, out, R = 5, 4, 9, 4
+    N, n, out, r = 5, 4, 9, 2
+    k, d = len(ranges), ranges[0][1] - ranges[0][0]
     x = torch.randn(N, n, dtype=torch.float64, requires_grad=True)
     W = torch.randn(out, n, dtype=torch.float64)
     b = torch.randn(out, dtype=torch.float64, requires_grad=True) if bias else None
-    h = torch.randn(N, R, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(out, R, dtype=torch.float64, requires_grad=True)
-    ranges = ((0, 3), (6, 9))
-    g = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_(True) if mode != "none" else None
+    h = torch.randn(N, k * r, dtype=torch.float64, requires_grad=True)
+    shape = (out, k * r) if B_form == "big" else (k, d, r)
+    B = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    g = (torch.rand(k * d, dtype=torch.float64) + 0.5).requires_grad_(True) if mode != "none" else None
     inputs = [x, h, B] + ([g] if g is not None else []) + ([b] if b is not None else [])
 
     def f(x, h, B, *rest):
@@ -234,6 +241,22 @@ def test_fused_linear_gradcheck(mode, bias):
         return fused._FusedLinear.apply(x, W, bb, h, B, gg, ranges, 0.8, mode)
 
     assert torch.autograd.gradcheck(f, tuple(inputs))
+
+
+def test_stacked_factors_give_the_output_of_their_b_big():
+    """The stacked form (k, d, r) is the block matrix it stands for: same output, every layout."""
+    torch.manual_seed(0)
+    for ranges in (((0, 3), (6, 9)), ((0, 3), (4, 7)), ((2, 5),)):
+        k, d = len(ranges), 3
+        x, W, h = torch.randn(5, 4), torch.randn(9, 4), torch.randn(5, 2 * k)
+        B = torch.randn(k, d, 2)
+        big = torch.zeros(9, 2 * k)
+        for j, (a, z) in enumerate(ranges):
+            big[a:z, 2 * j : 2 * j + 2] = B[j]
+        g = torch.rand(k * d) + 0.5
+        got = fused._FusedLinear.apply(x, W, None, h, B, g, ranges, 0.5, "output")
+        want = fused._FusedLinear.apply(x, W, None, h, big, g, ranges, 0.5, "output")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_zero_magnitude_row_gets_zero_magnitude_gradient():
