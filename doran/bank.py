@@ -78,19 +78,6 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([_stack(tensors[i : i + size]) for i in range(0, n, size)])
 
 
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(tensors)`` (dim 0); while traced, as a tree of at most 8 inputs per node (as ``_stack``)."""
-    n = len(tensors)
-    if n == 1:
-        return tensors[0]
-    if n <= _CAT_INPUTS or not torch.compiler.is_compiling():
-        return torch.cat(tensors)
-    size = _CAT_INPUTS
-    while size * _CAT_INPUTS < n:
-        size *= _CAT_INPUTS
-    return torch.cat([_cat(tensors[i : i + size]) for i in range(0, n, size)])
-
-
 class _StackLaidOut(torch.autograd.Function):
     """``_stack`` whose gradients come back in the inputs' row-major layout: a generator's first-layer weights
     enter a batched product transposed, so their stacked gradient is transposed, and autograd would copy

@@ -167,61 +167,39 @@ def times_weight(Y: torch.Tensor, W: torch.Tensor, chunk_elements: int = 1 << 22
     return total
 
 
-_MIXED_BMM = hasattr(torch.ops.aten.bmm, "dtype")
-
-
-def _member_rows(W: torch.Tensor, on, d: int) -> tuple[int, torch.Tensor] | None:
-    """(first slice, W's rows of its slices as a (k, d, in) view) when the slices of W are consecutive in the
-    stack and their rows evenly spaced (the q and v of a qkv, the heads of a weight); else None."""
-    i0 = on[0][0]
-    if any(i != i0 + n for n, (i, _) in enumerate(on)):
-        return None
-    even = _even(tuple((row, row + d) for _, row in on))
-    if even is None:
-        return None
-    start, k, _, step = even
-    return i0, W[start : start + (k - 1) * step + d].unfold(0, d, step).transpose(1, 2)
-
-
-def _batched(Ws, members, d: int, X: torch.Tensor, left: bool) -> torch.Tensor | None:
-    """Every slice's product with its rows of its frozen weight, one bmm per weight on a strided view of its
-    rows (the rows of other slices and the k third of a qkv are not read), in X's precision:
-    ``left``: W_i X_i for X (S, in, c) -> (S, d, c); else X_i^T W_i for X (S, d, c) -> (S, c, in), with
-    W_i slice i's (d, in) rows. A bf16 W on CUDA runs against X split into three bf16 parts (``_split3``,
-    once for all slices) with float32 accumulation. None when a weight's slices are not laid out evenly
-    or the dtypes need the upcast path."""
-    split = _use_split(Ws[0], X) and _MIXED_BMM
-    if not split and Ws[0].dtype != X.dtype:
-        return None
-    views = [_member_rows(W, on, d) for W, on in zip(Ws, members)]
-    if any(v is None for v in views) or [v[0] for v in views] != sorted(v[0] for v in views):
-        return None
-    c = X.shape[2]
+def _w0_products(Ws, members, d: int, X: torch.Tensor, left: bool) -> torch.Tensor:
+    """Every slice's product with its rows of its frozen weight, one GEMM per weight for all of its slices,
+    in X's precision: ``left``: W_i X_i for X (S, in, c) -> (S, d, c); else X_i^T W_i for X (S, d, c) ->
+    (S, c, in), W_i slice i's (d, in) rows. Against a bf16 W on CUDA, X is split into three bf16 parts
+    (``_split3``) once for all slices and each GEMM accumulates in float32; against another dtype W is
+    upcast in row blocks (``weight_times``). One GEMM over the whole weight, not a batched product over
+    its slices' rows: cuBLAS runs the latter (batch 2, 8 columns) with a kernel three times slower."""
+    split = _use_split(Ws[0], X)
+    direct = split or Ws[0].dtype == X.dtype
     X3 = torch.cat(_split3(X), dim=2) if split else X  # (S, in or d, 3c or c)
+    c3 = X3.shape[2]
     kw = {"out_dtype": torch.float32} if split else {}
-    chunks = []
-    for (i0, Wv), on in zip(views, members):
-        Xk = X3[i0 : i0 + len(on)]
-        chunks.append(torch.bmm(Wv, Xk, **kw) if left else torch.bmm(Xk.transpose(1, 2), Wv, **kw))
-    P = _bank._cat(chunks)  # (S, d, 3c) or (S, 3c, in)
+    parts: list[Any] = [None] * X.shape[0]
+    for W, on in zip(Ws, members):
+        if left:  # W [X_1 | X_2]: (rows, k c3); slice i's block: its rows, its columns
+            Xk = X3[on[0][0]] if len(on) == 1 else torch.cat([X3[i] for i, _ in on], dim=1)
+            P = torch.mm(W, Xk, **kw) if direct else weight_times(W, Xk)
+            for j, (i, row) in enumerate(on):
+                parts[i] = P[row : row + d, j * c3 : (j + 1) * c3]
+        else:  # [X_1^T | 0 | X_2^T] W: each slice's X^T in its rows of W, zeros elsewhere -> (k c3, in)
+            rows = W.shape[0]
+            M = [F.pad(X3[i].t(), (row, rows - row - d)) if rows != d else X3[i].t() for i, row in on]
+            Mk = M[0] if len(M) == 1 else torch.cat(M)
+            C = torch.mm(Mk, W, **kw) if direct else times_weight(Mk, W)
+            for j, (i, _) in enumerate(on):
+                parts[i] = C[j * c3 : (j + 1) * c3]
+    P = _bank._stack(parts)  # (S, d, c3) or (S, c3, in); traced: a tree of fused stacks of <= 8
     if not split:
         return P
+    c = c3 // 3
     if left:
         return P[..., :c] + P[..., c : 2 * c] + P[..., 2 * c :]
     return P[:, :c] + P[:, c : 2 * c] + P[:, 2 * c :]
-
-
-def _w0_products(Ws, members, d: int, X: torch.Tensor, left: bool) -> torch.Tensor:
-    """``_batched``, or slice by slice with W's rows upcast in blocks (CPU half precision, uneven layouts)."""
-    P = _batched(Ws, members, d, X, left)
-    if P is not None:
-        return P
-    parts: list[Any] = [None] * X.shape[0]
-    for W, on in zip(Ws, members):
-        for i, row in on:
-            rows = W[row : row + d]
-            parts[i] = weight_times(rows, X[i]) if left else times_weight(X[i].t(), rows)
-    return _bank._stack(parts)
 
 
 # ------------------------------------------------------------------------------ g = m / (||V||_row + tau)
@@ -413,8 +391,8 @@ class _FusedLinear(torch.autograd.Function):
         W, b, h, Bs, g, gcat, out = ctx.saved_tensors
         need_x, _, need_b, need_h, need_B, need_g = _needs(ctx, 6)
         ranges, s = ctx.ranges, ctx.s
-        even = _even(ranges)
-        strided = even is not None and not torch.compiler.is_compiling()
+        even = None if torch.compiler.is_compiling() else _even(ranges)  # traced: per-range ops, fused anyway
+        strided = even is not None
         dx = db = dh = dB = dg = None
         with _no_autocast(dy.device.type):
             dy = dy.contiguous()
