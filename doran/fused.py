@@ -487,9 +487,10 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     ranges = tuple((ad.start, ad.stop) for ad in ads)
     if len(ads) == 1 and ranges == ((0, out_f),):
         B_in = _block_rows(factors[0][1])  # (out, R) is B_big itself
-    elif all(B.ndim == 2 and B.shape == factors[0][1].shape for _, B in factors):
+    elif not torch.compiler.is_compiling() and all(B.ndim == 2 and B.shape == factors[0][1].shape
+                                                    for _, B in factors):
         B_in = torch.stack([B for _, B in factors])  # (k, d, r): spread into B_big inside the node
-    else:  # per-head factors (block-diagonal B per slice), slices of different sizes
+    else:  # traced (the compiler fuses the pads), per-head factors (block-diagonal B), unequal slices
         B_in = _spread([_block_rows(B) for _, B in factors], ranges, out_f)
     gcat, mode = None, "none"
     if ads[0].cfg.magnitude:
