@@ -258,6 +258,7 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
     phases = time_phases(work, model, opt, device, steps) if work.get("phases") and opt is not None else None
     hosts = host_profile(work, model, opt, device) if work.get("cprofile") and opt is not None else None
     syncs = sync_points(step) if device == "cuda" else None
+    op_counts = count_ops(work, model) if work.get("ops") and opt is not None else None
     result = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
               "step_ms_max": 1e3 * max(times), "steps": steps,
               "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
@@ -270,6 +271,8 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
         result["host_profile"] = hosts
     if syncs is not None:
         result["sync_points"] = syncs
+    if op_counts is not None:
+        result["ops_per_step"] = op_counts
     if device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -327,6 +330,45 @@ def time_phases(work: dict[str, Any], model: nn.Module, opt, device: str, steps:
             times.append(time.perf_counter() - t0)
             fused_opt.zero_grad(set_to_none=True)
         result["optimizer_fused"] = 1e3 * statistics.median(times)
+    return result
+
+
+# ops that only make a view or alias: no kernel, a little host time
+_VIEW_OPS = {"view", "_unsafe_view", "_reshape_alias", "reshape", "t", "transpose", "permute", "slice", "select",
+             "unbind", "split", "split_with_sizes", "expand", "as_strided", "unsqueeze", "squeeze", "alias",
+             "detach", "unfold"}
+
+
+def count_ops(work: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """The aten ops one step's forward and backward dispatch below autograd (a TorchDispatchMode), split into
+    compute ops (each a kernel on a GPU) and view ops: on a host-bound eager GPU step the count of compute
+    ops is what the host pays for, whatever device the count was taken on."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    device = next(model.parameters()).device.type
+    forward, backward = Count(), Count()
+    with forward, autocast(device):
+        loss = work["step"](model)
+    with backward:
+        loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    result: dict[str, Any] = {}
+    for phase, mode in (("forward", forward), ("backward", backward)):
+        compute = {k: v for k, v in mode.counts.items() if k not in _VIEW_OPS}
+        result[phase] = {"compute": sum(compute.values()), "views": sum(mode.counts.values()) - sum(compute.values()),
+                         "compute_by_op": dict(sorted(compute.items(), key=lambda kv: -kv[1]))}
     return result
 
 
@@ -399,9 +441,9 @@ INFER_STEPS = 50
 def run_workload(name: str, variants: list[str], device: str, steps: int, warmup: int,
                  inference: bool = False, on_row: Callable[[dict[str, Any]], None] | None = None,
                  adam: str = "auto", phases: bool = False, all_kernels: bool = False,
-                 cprofile: bool = False) -> dict[str, Any]:
+                 cprofile: bool = False, ops: bool = False) -> dict[str, Any]:
     work = WORKLOADS[name](device)
-    work.update(adam=adam, phases=phases, all_kernels=all_kernels, cprofile=cprofile)
+    work.update(adam=adam, phases=phases, all_kernels=all_kernels, cprofile=cprofile, ops=ops)
     work["model"] = work["model"].to(device)
     with torch.no_grad(), autocast(device):
         reference = work["out"](work["model"]).float()
@@ -545,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time forward, backward, optimizer step and zero_grad apart (synchronised)")
     parser.add_argument("--all-kernels", action="store_true", help="list every CUDA kernel, not the top 12")
     parser.add_argument("--cprofile", action="store_true", help="also record the host's top Python functions")
+    parser.add_argument("--ops", action="store_true",
+                        help="also count the aten ops a step dispatches (forward, backward; compute and views)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -572,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         results["workloads"][name] = run_workload(name, args.variants, device, args.steps, args.warmup,
                                                   args.inference, on_row=partial, adam=args.adam,
                                                   phases=args.phases, all_kernels=args.all_kernels,
-                                                  cprofile=args.cprofile)
+                                                  cprofile=args.cprofile, ops=args.ops)
         if args.out:
             atomic_write_json(args.out, {**results, "table": table(results)})
     if args.layer_sweep:
