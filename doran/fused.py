@@ -15,6 +15,10 @@ host-bound long before the GPU is busy. This path computes the same function wit
                    where A_cat stacks the slices' A (R rows) and B_big (out, R) holds each slice's B in
                    its own rows and columns (zeros elsewhere; rows outside every slice, the k third of a
                    timm qkv, get g = 1 and no low-rank term, so they stay the base output exactly).
+                   Eager, slices of one shape reach the node as one stack (k, d, r) and B_big is built
+                   inside it; when they are also evenly spaced (one slice, a qkv's q and v) the backward
+                   works on strided (N, k, d) views of dy and the output, so a layer's dL/dg and dB are a
+                   handful of ops whatever k is (the host, not the GPU, bounds an eager step).
 
 Two exact ways to apply g (chosen per call by shape, ``set_execution(scale=...)`` overrides):
 
@@ -31,8 +35,8 @@ only place where this path differs from the reference (which stores z).
 
 The products with the frozen W0 inside the norm (``W0 A^T`` and its transpose in the backward) run on a
 half-precision W0 as three bf16 GEMMs with float32 accumulation on CUDA (the float32 factor split into
-three bf16 parts, exact to float32 rounding), instead of upcasting W0: the GEMMs read W0 once, in its own
-precision. Elsewhere (CPU, float16, float64) W0 is upcast in 16 MiB row blocks as in the reference.
+three bf16 parts, exact to float32 rounding; split once for all slices), instead of upcasting W0: the
+GEMMs read W0 once, in its own precision, one GEMM per base weight for all of its slices. Elsewhere (CPU, float16, float64) W0 is upcast in 16 MiB row blocks as in the reference.
 
 Under ``torch.compile`` the compiler traces these nodes (forward and hand-written backward) and fuses
 their small ops, and the adapter bank's batched computation is traced with them. The forward is written out of place while traced:
