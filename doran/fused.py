@@ -36,7 +36,8 @@ only place where this path differs from the reference (which stores z).
 The products with the frozen W0 inside the norm (``W0 A^T`` and its transpose in the backward) run on a
 half-precision W0 as three bf16 GEMMs with float32 accumulation on CUDA (the float32 factor split into
 three bf16 parts, exact to float32 rounding; split once for all slices), instead of upcasting W0: the
-GEMMs read W0 once, in its own precision, one GEMM per base weight for all of its slices. Elsewhere (CPU, float16, float64) W0 is upcast in 16 MiB row blocks as in the reference.
+GEMMs read W0 once, in its own precision, one GEMM per base weight for all of its slices. Elsewhere (CPU,
+float16, float64) W0 is upcast in 16 MiB row blocks as in the reference.
 
 Under ``torch.compile`` the compiler traces these nodes (forward and hand-written backward) and fuses
 their small ops, and the adapter bank's batched computation is traced with them. The forward is written out of place while traced:
@@ -336,10 +337,10 @@ class _FusedLinear(torch.autograd.Function):
     """out = g * (x W^T) + h (s g B_big)^T + b, g = 1 outside ``ranges`` (or everywhere for LoRA: gcat None).
 
     x (N, in), W (out, in), b (out,) or None, h (N, R): all in the compute dtype; gcat (sum of slice rows,)
-    and B in the adapter's precision, either B_big (out, R) or, for evenly laid out slices (``_even``), the
-    slices' B stacked (k, d, r): B_big is then built here without autograd, and the backward hands back the
-    gradient of the stack (its diagonal blocks) and computes dL/dg of all slices through strided views,
-    a handful of ops per layer whatever k is.
+    and B in the adapter's precision, either B_big (out, R) or, for slices of one shape, their B stacked
+    (k, d, r): B_big is then built here without autograd and the backward hands back the gradient of the
+    stack (B_big's diagonal blocks). For evenly laid out slices (``_even``) the eager backward computes
+    dL/dg and that gradient through strided views: a handful of ops per layer whatever k is.
     """
 
     @staticmethod
