@@ -17,7 +17,9 @@ A suffix picks our execution mode: ``doran`` is the default fused path (doran/fu
 plain autograd, ``doran@nobank`` the fused path without the adapter bank (doran/bank.py), ``doran@weight``
 / ``doran@output`` force how g is applied, ``doran@compile`` wraps the model in torch.compile and
 ``doran@compile-ro`` with mode="reduce-overhead" (CUDA graphs; both through ``doran.compile_model``, as the
-Lightning modules compile); ratios are to our LoRA in the same mode. With ``--inference`` the base model and
+Lightning modules compile); ratios are to our LoRA in the same mode. Like the Lightning modules, the bank's
+modes (no suffix, ``weight``, ``output``, ``compile``, ``compile-ro``) run with the adapter tensors packed
+(``doran.pack``); ``doran@unpacked`` / ``doran@compile-ro-unpacked`` run the same without packing. With ``--inference`` the base model and
 every merged variant are also timed forward-only (merged inference should cost what the base costs). Before timing, every variant's output at step 0 is checked against the
 un-adapted model (all presets start as the identity) and our DoRA-family layer against a materialised
 float64 reference. Reported: median wall step time over ``--steps`` steps after ``--warmup`` (with min and
@@ -108,7 +110,10 @@ WORKLOADS: dict[str, Callable[[str], dict[str, Any]]] = {"vit": vit_workload, "l
 
 # ------------------------------------------------------------------------------------------------ variants
 EXEC_MODES = ("fused", "nobank", "reference", "weight", "output", "compile", "compile-ro", "compile-ref",
-              "compile-ro-ref", "compile-nobank", "compile-ro-nobank")
+              "compile-ro-ref", "compile-nobank", "compile-ro-nobank", "unpacked", "compile-unpacked",
+              "compile-ro-unpacked")
+# modes in which the adapter tensors are packed (doran.pack), as the Lightning modules run: the bank's modes
+PACKED_MODES = ("fused", "weight", "output", "compile", "compile-ro")
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -159,6 +164,8 @@ def build_variant(work: dict[str, Any], variant: str, device: str) -> nn.Module:
     else:
         cfg = doran.AdapterConfig.preset(variant, r=work["r"], alpha=2 * work["r"], targets=work["targets"])
         doran.inject(model, cfg, trainable=work["head"])
+        if mode in PACKED_MODES:
+            doran.pack(model)
     model = model.to(device)
     if mode.startswith("compile"):  # as the Lightning modules compile: hooks and forward in one graph
         model = doran.compile_model(model, "reduce-overhead" if mode.startswith("compile-ro") else "default")
@@ -180,8 +187,9 @@ def check_layer_against_reference(model: nn.Module) -> float | None:
     _, layer = layers[0]
     layer = copy.deepcopy(layer).float()
     with torch.no_grad():
-        for _, p in layer.doran.named_parameters():
-            p.add_(0.05 * torch.randn_like(p) * (p.abs().mean() + 0.01))
+        for ad in layer.doran.values():  # packed tensors (doran.pack) as their views
+            for p in doran.packing.adapter_tensors(ad):
+                p.add_(0.05 * torch.randn_like(p) * (p.abs().mean() + 0.01))
     x = torch.randn(8, layer.in_features, device=layer.weight.device)
     with torch.no_grad():
         got = layer(x).double()
@@ -474,8 +482,9 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
             torch.cuda.empty_cache()
     for variant, row in rows.items():  # ratios to our LoRA in the same execution mode
         _, mode = split_variant(variant)
-        lora = rows.get("lora" if mode == "fused" else f"lora@{mode}") or \
-            rows.get(f"lora@{mode.removesuffix('-ref').removesuffix('-nobank')}") or rows.get("lora")
+        same = mode.removesuffix("-ref").removesuffix("-nobank").removesuffix("-unpacked")
+        lora = rows.get("lora" if mode in ("fused", "unpacked") else f"lora@{mode}") or \
+            rows.get(f"lora@{same}") or rows.get("lora")
         if lora:
             for key in ("step_ms_median", "gpu_busy_ms", "peak_mem_mib"):
                 if row.get(key) is not None and lora.get(key):

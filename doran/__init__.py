@@ -30,6 +30,7 @@ from .inject import (
     unmerge,
 )
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
+from .packing import is_packed, pack, unpack
 from .layers import AdaptedLinear, OutputRotation, SliceAdapter, factored_row_norm
 
 __version__ = "0.1.0"
@@ -53,11 +54,13 @@ __all__ = [
     "get_config",
     "inject",
     "is_injected",
+    "is_packed",
     "load_adapter",
     "magnitudes",
     "merge",
     "merged_copy",
     "named_adapter_parameters",
+    "pack",
     "param_groups",
     "print_trainable_parameters",
     "read_adapter",
@@ -67,4 +70,5 @@ __all__ = [
     "tau_values",
     "trainable_parameter_counts",
     "unmerge",
+    "unpack",
 ]

@@ -22,7 +22,9 @@ each slice's own computation instead. Compile through ``doran.compile_model``: `
 compiles a module's hooks as frames of their own, so the bank would be a graph of its own whose tensors
 cross into the forward's graph each step (the same values, a second CUDA-graph replay). Traced, stacks of
 more than 8 tensors are built as trees (``_stack``: Inductor copies each input of a larger cat in a kernel
-of its own) and a first layer shared by q and v is stacked once (``_stack_shared``). A layer called
+of its own) and a first layer shared by q and v is stacked once (``_stack_shared``). With the model's
+tensors packed (``doran.pack``, doran/packing.py; the Lightning modules do it) a group's tensors are taken
+as they are stored, one per kind, instead of stacked from the slices. A layer called
 outside its model's forward, a sharded model (FSDP holds the parameters of other layers sharded during the
 root forward) and per-head factors (HoRA) use the per-slice computation.
 """
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import fused
+from . import fused, packing
 
 _BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -110,15 +112,26 @@ def _stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
     return distinct.unsqueeze(1).expand(n // k, k, *distinct.shape[1:]).reshape(n, *distinct.shape[1:])
 
 
-def _generate(embs, firsts, seconds) -> torch.Tensor:
-    """The factor rows of S generators at once: ``c * W2 act(W1 e^T + b1)`` per s -> (S, r, width)."""
-    E = _stack(embs)  # (S, r, k)
-    W1 = _stack_shared([f.linear.weight for f in firsts])  # (S, hidden, k)
-    b1 = _stack_shared([f.linear.bias for f in firsts])  # (S, hidden)
-    h = firsts[0].act(torch.baddbmm(b1.unsqueeze(1), E, W1.transpose(1, 2)))  # (S, r, hidden)
-    W2 = _stack_shared([s.weight for s in seconds])  # (S, width, hidden)
+def _generate(E, W1, b1, W2, act, multiplier: float) -> torch.Tensor:
+    """The factor rows of S generators at once: ``c * W2 act(W1 e^T + b1)`` per s -> (S, r, width), from the
+    stacked embeddings E (S, r, k), first layers W1 (S, hidden, k), b1 (S, hidden), second layers W2 (S, width,
+    hidden)."""
+    h = act(torch.baddbmm(b1.unsqueeze(1), E, W1.transpose(1, 2)))  # (S, r, hidden)
     # (W2 h^T)^T, as SecondLayer: W2's gradient in W2's layout (no copy per tensor in the backward)
-    return torch.bmm(W2, h.transpose(1, 2)).transpose(1, 2) * seconds[0].multiplier  # (S, r, width)
+    return torch.bmm(W2, h.transpose(1, 2)).transpose(1, 2) * multiplier  # (S, r, width)
+
+
+def _tensors(ads, role: str, packed) -> torch.Tensor:
+    """The (S, ...) stack of one tensor of a group's slices: the packed tensor (doran/packing.py) or, per
+    slice, its own tensors stacked (a tensor shared by consecutive slices stacked once)."""
+    if packed is not None:
+        t = packing.stacked(*packed, role)
+        if t is not None:
+            return t
+    path, _, attr = role.rpartition(".")
+    tensors = [getattr(ad.get_submodule(path) if path else ad, attr) for ad in ads]
+    return _stack(tensors) if role.startswith(("generator.emb", "lora_", "magnitude", "tau")) else \
+        _stack_shared(tensors)
 
 
 def _traced_stats(group) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +149,14 @@ def _traced_stats(group) -> tuple[torch.Tensor, torch.Tensor]:
             norms_of[id(layer)] = norms
         rows.append(norms[ad.rows])
     return norm_stats(_stack(rows), group[0][1].cfg)  # norms (S, out)
+
+
+def group_entries(entries: list[tuple[Any, Any]]) -> list[list[tuple[Any, Any]]]:
+    """The slices computed together: those whose shapes and settings agree, in model order."""
+    groups: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
+    for layer, ad in entries:
+        groups.setdefault(_signature(layer, ad), []).append((layer, ad))
+    return list(groups.values())
 
 
 def _layout(group) -> tuple[list[nn.Module], tuple[tuple[int, int], ...]]:
@@ -158,11 +179,9 @@ class AdapterBank:
     def __init__(self, model: nn.Module, key: tuple[int, ...], entries: list[tuple[Any, Any]]) -> None:
         self.key = key
         self.usable = not _sharded(model)
-        groups: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
-        for layer, ad in entries:
-            groups.setdefault(_signature(layer, ad), []).append((layer, ad))
-        self.groups = list(groups.values())
+        self.groups = group_entries(entries)
         self._layouts = [_layout(group) for group in self.groups]
+        self._packed = [packing.group_roles([ad for _, ad in group], model) for group in self.groups]
         self.slices = [ad for _, ad in entries]
         self.layers = list({id(layer): layer for layer, _ in entries}.values())
         self.active = False  # inside the model's forward
@@ -192,27 +211,31 @@ class AdapterBank:
         for i, group in enumerate(self.groups):
             ads = [ad for _, ad in group]
             ad0 = ads[0]
-            dev = ad0.magnitude.device.type if ad0.cfg.magnitude else next(ad0.parameters()).device.type
-            with torch.autocast(device_type=dev, enabled=False):
+            packed = self._packed[i]
+            with torch.autocast(device_type=group[0][0].weight.device.type, enabled=False):
                 if hasattr(ad0, "generator"):
-                    gens = [ad.generator for ad in ads]
-                    A = _generate([g.emb_A for g in gens], [g.first_A for g in gens], [g.second_A for g in gens])
-                    B = _generate([g.emb_B for g in gens], [g.first_B for g in gens],
-                                  [g.second_B for g in gens]).transpose(1, 2)  # (S, out, r)
+                    gen = ad0.generator
+                    A, B = (_generate(_tensors(ads, f"generator.emb_{x}", packed),
+                                      _tensors(ads, f"generator.first_{x}.linear.weight", packed),
+                                      _tensors(ads, f"generator.first_{x}.linear.bias", packed),
+                                      _tensors(ads, f"generator.second_{x}.weight", packed),
+                                      getattr(gen, f"first_{x}").act, getattr(gen, f"second_{x}").multiplier)
+                            for x in "AB")
+                    B = B.transpose(1, 2)  # (S, out, r)
                 else:
-                    A = _stack([ad.lora_A for ad in ads])
-                    B = _stack([ad.lora_B for ad in ads])
+                    A = _tensors(ads, "lora_A", packed)
+                    B = _tensors(ads, "lora_B", packed)
                 g = None
                 if ad0.cfg.magnitude:
                     w0_sq, row_scale = self._stacked_stats(i, group)
                     cfg = ad0.cfg
                     if cfg.tau_mode == "learned":
-                        t = nn.functional.softplus(_stack([ad.tau_rho for ad in ads])) * row_scale
+                        t = nn.functional.softplus(_tensors(ads, "tau_rho", packed)) * row_scale
                     elif cfg.tau_mode == "fixed":
                         t = _stack([ad.tau_t for ad in ads]) * row_scale
                     else:
                         t = None
-                    m = _stack([ad.magnitude for ad in ads])
+                    m = _tensors(ads, "magnitude", packed)
                     layers, layout = self._layouts[i]
                     g = fused.row_scales(A, B, m, t, [layer.weight for layer in layers], layout, w0_sq, ad0.s,
                                          cfg.detach_norm)
@@ -277,8 +300,8 @@ def _gathered_elsewhere(bank: AdapterBank) -> bool:
     """Whether the model was sharded after the bank was built (FSDP wrapped later): parameters of other
     layers are then empty or distributed during the root forward, so each layer computes its own."""
     for group in bank.groups:
-        p = next(group[0][1].parameters())
-        if p.numel() == 0 or isinstance(p, _DTensor):
+        p = next(group[0][1].parameters(), None)
+        if p is not None and (p.numel() == 0 or isinstance(p, _DTensor)):
             return True
     return False
 

@@ -29,7 +29,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from . import bank
+from . import bank, packing
 from .config import AdapterConfig, DoranError
 from .generators import FactorGenerator, FirstLayer, SecondLayer, init_second_A
 from .layers import AdaptedLinear, SliceAdapter, param_dtype
@@ -373,17 +373,23 @@ def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
     Groups: ``factors`` (static A, B), ``generator`` (embeddings and MLPs), ``magnitude``, ``tau``,
     ``diag`` (Pre-Diag's d), ``rotation`` (SORA's C, D), ``other`` (trainable non-adapter parameters, e.g. a
     classifier head). Each tensor appears once, also when a generator is shared. Names are those of the
-    unwrapped model: the wrappers that FSDP and activation checkpointing insert are left out.
+    unwrapped model: the wrappers that FSDP and activation checkpointing insert are left out. On a packed
+    model (``doran.pack``) a packed tensor's rows are given under their unpacked names, as views: values
+    can be read and written in place, the gradient is the packed tensor's (``model.doran_packed``).
     """
     group_of: dict[int, str] = {}
     for _, module in adapted_modules(model):
         for ad in module.doran.values():
             for local, p in ad.named_parameters():
                 group_of.setdefault(id(p), _group_of(local))
+    views = packing.named_views(model)
     for name, p in model.named_parameters():
         name = _WRAPPERS.sub("", name)
         group = group_of.get(id(p))
-        if group is not None:
+        if id(p) in views:  # packed (doran/packing.py): its rows under their unpacked names
+            for row_name, row, role in views[id(p)]:
+                yield row_name, row, _group_of(role)
+        elif group is not None:
             yield name, p, group
         elif p.requires_grad:
             yield name, p, "other"
@@ -441,15 +447,20 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
     """
     tau_lr = _state(model)["config"].tau_lr if hasattr(model, STATE_ATTR) else None
     decay, no_decay, tau = [], [], []
+    leaves = {}  # a packed tensor (doran/packing.py) goes in the group of its rows, which share one kind
     for _, p, group in named_adapter_parameters(model):
         if not p.requires_grad:
             continue
+        leaf = p if p.is_leaf else p._base
+        if id(leaf) in leaves:
+            continue
+        leaves[id(leaf)] = leaf
         if group == "tau":
-            tau.append(p)
+            tau.append(leaf)
         elif p.ndim >= 2:
-            decay.append(p)
+            decay.append(leaf)
         else:
-            no_decay.append(p)
+            no_decay.append(leaf)
     groups = [
         {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"},
@@ -486,6 +497,7 @@ def eject(model: nn.Module) -> nn.Module:
     """
     _state(model)
     unmerge(model)
+    packing.unpack(model)
     for name, module in list(adapted_modules(model)):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_module)
@@ -514,6 +526,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
         linear.train(module.training)
         parent_name, _, child = name.rpartition(".")
         setattr(plain.get_submodule(parent_name) if parent_name else plain, child, linear)
+    plain._modules.pop(packing.ATTR, None)
     bank.detach(plain)
     delattr(plain, STATE_ATTR)
     return plain

@@ -37,7 +37,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     state = _state(model)
     if any(m.merged for _, m in adapted_modules(model)):
         raise AdapterFileError("the model is merged; call doran.unmerge(model) before save_adapter")
-    tensors = {name: p.detach().contiguous().cpu() for name, p, _ in named_adapter_parameters(model)}
+    tensors = {name: p.detach().cpu().clone() for name, p, _ in named_adapter_parameters(model)}  # packed rows: own storage
     metadata = {
         "format": FORMAT,
         "config": state["config"].to_json(),

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
+from . import fused, packing
 from .config import AdapterConfig
 from .generators import FactorGenerator
 
@@ -381,7 +381,8 @@ class AdaptedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             y = F.linear(x, self.weight, self.bias)
-            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.doran.parameters()):
+            if self.training and torch.is_grad_enabled() and any(
+                    p.requires_grad for ad in self.doran.values() for p in packing.adapter_tensors(ad)):
                 raise RuntimeError(
                     "this layer is merged, so its adapter receives no gradient; call doran.unmerge(model) "
                     "before training"

@@ -315,6 +315,13 @@ class CausalLMModule(pl.LightningModule):
             self._runner = (CompiledRunner(self.model, self.hparams.compile, self.device.type, self._sharded()),)
         return self._runner[0]
 
+    def setup(self, stage: str) -> None:
+        """Pack the adapter tensors (``doran.pack``: one tensor per kind and bank group, far less host work per
+        step) before the optimizer is built; not under a sharding strategy (FSDP)."""
+        trainer = self._trainer
+        if trainer is None or not type(trainer.strategy).__name__.startswith("FSDP"):
+            doran.pack(self.model)
+
     def _sharded(self) -> bool:
         trainer = self._trainer
         return trainer is not None and type(trainer.strategy).__name__.startswith("FSDP")
@@ -359,7 +366,7 @@ class CausalLMModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- adapter-only checkpoints
     def adapter_state_keys(self) -> list[str]:
-        return [f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad]
+        return [f"model.{name}" for name in doran.packing.trainable_names(self.model)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keys = {k.replace("_fsdp_wrapped_module.", "") for k in self.adapter_state_keys()}

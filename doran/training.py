@@ -372,6 +372,13 @@ class AdapterClassifier(pl.LightningModule):
             self._runner = (CompiledRunner(self.model, self.hparams.compile, self.device.type),)
         return self._runner[0]
 
+    def setup(self, stage: str) -> None:
+        """Pack the adapter tensors (``doran.pack``: one tensor per kind and bank group, far less host work per
+        step) before the optimizer is built; not under a sharding strategy (FSDP)."""
+        trainer = self._trainer
+        if trainer is None or not type(trainer.strategy).__name__.startswith("FSDP"):
+            doran.pack(self.model)
+
     # ----------------------------------------------------------------- steps
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         runner = self.runner
@@ -434,7 +441,7 @@ class AdapterClassifier(pl.LightningModule):
     # ----------------------------------------------------------------- adapter-only checkpoints
     def adapter_state_keys(self) -> list[str]:
         """state_dict keys of the trainable tensors (adapters and head): all that a checkpoint holds."""
-        return [f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad]
+        return [f"model.{name}" for name in doran.packing.trainable_names(self.model)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keys = set(self.adapter_state_keys())

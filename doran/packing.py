@@ -1,0 +1,317 @@
+"""Packed adapter storage: the parameters of each adapter-bank group held as one tensor per kind.
+
+Injected, every projection owns its tensors: DoRAN on ViT-B/16's 24 q/v slices has 194 (embeddings,
+generator layers, magnitude, tau), LoRA 50. The bank (doran/bank.py) stacks them each forward, autograd
+accumulates 194 gradients, a CUDA-graph replay rebuilds 194 gradient outputs and the optimizer walks 194
+tensors: host work per tensor that a step whose kernels are replayed cannot hide. ``pack(model)`` stores
+the tensors of each bank group (the slices whose shapes and settings agree, doran/bank.py) stacked, one
+``nn.Parameter`` per kind: ``emb_A`` (S, r, k), ``magnitude`` (S, out), a first layer shared by the q and v
+of a block as (S / 2, hidden, k), and so on (ViT-B/16: 12 tensors). They live in a submodule of the
+model, ``model.doran_packed``; the bank takes them as they are (no stack forward, no unbind backward).
+
+Everything else sees the model as before:
+
+- ``slice.magnitude``, ``generator.emb_A``, ``first_A.linear.weight`` ... are views of the packed tensors
+  (a row of the stack), read on each access: the per-slice path, merge, the recorders and the tests compute
+  with them, and their gradients reach the packed tensor.
+- ``model.state_dict()`` and ``load_state_dict`` use the unpacked names (a checkpoint written packed loads
+  unpacked and the other way round); ``doran.named_adapter_parameters``, ``save_adapter`` and
+  ``load_adapter`` too.
+- ``doran.param_groups`` hands the optimizer the packed tensors with the group of their kind (decay on
+  matrices only, as the per-slice tensors): AdamW is elementwise, so the update is the per-slice one.
+- ``model.parameters()`` yields the packed tensors instead of the per-slice ones: build the optimizer after
+  ``pack`` (the Lightning modules pack in ``setup``, before the optimizer exists).
+
+Only tensors used by one group alone are packed: a generator layer shared across groups (``sharing=
+"global"`` over projections of different shapes) stays where it is, and so do the adapters the bank does
+not serve (LoRA, HoRA's per-head factors, Pre-Diag, SORA). Not for sharded models (FSDP shards each
+block's tensors, and the packed ones would belong to the root); ``pack`` refuses one. ``unpack`` (and
+``eject``) restore per-slice parameters with the current values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+ATTR = "doran_packed"
+_REFS = "_doran_packed_refs"  # on a module whose tensors are packed: {attribute: (store, key, index)}
+
+
+class PackedStore(nn.Module):
+    """The packed tensors of a model (``model.doran_packed``): one parameter per group and kind.
+
+    ``groups[i]`` is ``(slices, roles)``: the group's SliceAdapters in the bank's order and, per role (the
+    tensor's name inside a SliceAdapter, e.g. ``generator.first_A.linear.weight``), ``(key, index)``: the
+    parameter ``key`` of this store and, per slice, the row of it that is that slice's tensor. ``names``
+    lists, per key, the model-relative names of its rows (the unpacked state-dict names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[tuple[list[nn.Module], dict[str, tuple[str, tuple[int, ...]]]]] = []
+        self.names: dict[str, list[list[str]]] = {}  # key -> per row, its names (a shared tensor has several)
+        self.kinds: dict[str, str] = {}  # key -> the role it packs (its last name part tells the group)
+
+
+_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _view(attr: str) -> property:
+    def get(self: nn.Module) -> torch.Tensor:
+        store, key, index = self.__dict__[_REFS][attr]
+        return getattr(store, key)[index]
+
+    return property(get, doc=f"``{attr}``: a row of a packed tensor (doran.packing)")
+
+
+def _packed_class(cls: type, attrs: tuple[str, ...]) -> type:
+    """A subclass of ``cls`` whose ``attrs`` are read from the packed store (cached per class and names)."""
+    key = (cls, attrs)
+    if key not in _CLASSES:
+        body = {a: _view(a) for a in attrs}
+        body["_doran_unpacked_class"] = cls
+        _CLASSES[key] = type(f"Packed{cls.__name__}", (cls,), body)
+    return _CLASSES[key]
+
+
+def _owner(root: nn.Module, local: str) -> tuple[nn.Module, str]:
+    path, _, attr = local.rpartition(".")
+    return (root.get_submodule(path) if path else root), attr
+
+
+def store_of(model: nn.Module) -> PackedStore | None:
+    store = model._modules.get(ATTR)
+    return store if isinstance(store, PackedStore) else None
+
+
+def is_packed(model: nn.Module) -> bool:
+    return store_of(model) is not None
+
+
+def _group_tensors(group, slice_names: dict[int, str]):
+    """Per role of a group: the slices' tensors and the roles' model-relative names."""
+    roles: dict[str, list[tuple[torch.Tensor, str]]] = {}
+    for _, ad in group:
+        for local, p in ad.named_parameters(remove_duplicate=False):
+            roles.setdefault(local, []).append((p, f"{slice_names[id(ad)]}.{local}"))
+    return roles
+
+
+def pack(model: nn.Module) -> PackedStore | None:
+    """Store the adapter tensors of each bank group of ``model`` stacked (see the module docstring).
+
+    Returns the store, or None when there is nothing to pack (no bank groups, or already packed: then the
+    existing store). Build the optimizer after this call: ``model.parameters()`` changes.
+
+    Example::
+
+        doran.inject(model, cfg)
+        doran.pack(model)
+        opt = torch.optim.AdamW(doran.param_groups(model, lr=1e-3))
+    """
+    from . import bank
+    from .inject import _state, adapted_modules, slice_adapters
+
+    _state(model)
+    if is_packed(model):
+        return store_of(model)
+    if any(m.merged for _, m in adapted_modules(model)):
+        raise RuntimeError("the model is merged; call doran.unmerge(model) before doran.pack(model)")
+    if bank._sharded(model):
+        raise RuntimeError("doran.pack does not work on a sharded model (FSDP shards each block's tensors, "
+                           "packed ones would belong to the root); pack before sharding or leave it unpacked")
+    slice_names = {id(ad): f"{name}.doran.{key}" for name, layer in adapted_modules(model)
+                   for key, ad in layer.doran.items()}  # module paths: the state-dict names
+    groups = bank.group_entries(bank._entries(model))
+    # where each tensor is used: only tensors used within one group are packed
+    users: dict[int, set[int]] = {}
+    for gi, group in enumerate(groups):
+        for _, ad in group:
+            for _, p in ad.named_parameters(remove_duplicate=False):
+                users.setdefault(id(p), set()).add(gi)
+    banked = {id(ad) for group in groups for _, ad in group}
+    for _, ad, _ in slice_adapters(model):  # and tensors of slices outside the bank
+        if id(ad) not in banked:
+            for p in ad.parameters():
+                users.setdefault(id(p), set()).add(-1)
+    plan = []
+    for gi, group in enumerate(groups):
+        roles = {}
+        for role, items in _group_tensors(group, slice_names).items():
+            distinct: list[torch.Tensor] = []
+            names: list[list[str]] = []  # per distinct tensor, every name it has in the state dict
+            index = []
+            for p, name in items:
+                pos = next((j for j, q in enumerate(distinct) if q is p), None)
+                if pos is None:
+                    pos = len(distinct)
+                    distinct.append(p)
+                    names.append([])
+                names[pos].append(name)
+                index.append(pos)
+            if any(users[id(p)] != {gi} for p in distinct) or len({p.requires_grad for p in distinct}) > 1 or \
+                    len({(p.shape, p.dtype, p.device) for p in distinct}) > 1:
+                continue
+            roles[role] = (distinct, names, tuple(index))
+        plan.append(roles)
+    if not any(plan):
+        return None
+
+    store = PackedStore()
+    for gi, (group, roles) in enumerate(zip(groups, plan)):
+        entry: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for role, (distinct, names, index) in roles.items():
+            key = f"g{gi}_{role.replace('.', '_')}"
+            flag = distinct[0].requires_grad
+            store.register_parameter(key, nn.Parameter(torch.stack([p.detach() for p in distinct]),
+                                                       requires_grad=flag))
+            store.names[key] = names
+            store.kinds[key] = role
+            entry[role] = (key, index)
+        store.groups.append(([ad for _, ad in group], entry))
+    # commit: every packed tensor leaves its module, which reads it from the store from now on
+    model.add_module(ATTR, store)
+    for slices, roles in store.groups:
+        for role, (key, index) in roles.items():
+            done: set[int] = set()
+            for ad, pos in zip(slices, index):
+                if pos in done:
+                    continue
+                done.add(pos)
+                owner, attr = _owner(ad, role)
+                del owner._parameters[attr]
+                refs = owner.__dict__.setdefault(_REFS, {})
+                refs[attr] = (store, key, pos)
+                base = getattr(type(owner), "_doran_unpacked_class", type(owner))
+                owner.__class__ = _packed_class(base, tuple(sorted(refs)))
+    _hook(model)
+    bank.forget(model)
+    return store
+
+
+def unpack(model: nn.Module) -> None:
+    """Give every packed tensor back to its module as an ``nn.Parameter`` holding its current value (the
+    inverse of :func:`pack`; ``eject`` calls it). Build the optimizer again afterwards."""
+    from . import bank
+
+    store = store_of(model)
+    if store is None:
+        return
+    for slices, roles in store.groups:
+        for role, (key, index) in roles.items():
+            P = store._parameters[key]
+            for ad, pos in zip(slices, index):
+                owner, attr = _owner(ad, role)
+                refs = owner.__dict__.get(_REFS)
+                if not refs or attr not in refs:
+                    continue  # shared: given back at its first slice
+                del refs[attr]
+                base = owner.__class__._doran_unpacked_class
+                owner.__class__ = _packed_class(base, tuple(sorted(refs))) if refs else base
+                if not refs:
+                    del owner.__dict__[_REFS]
+                owner.register_parameter(attr, nn.Parameter(P.detach()[pos].clone(), requires_grad=P.requires_grad))
+    del model._modules[ATTR]
+    bank.forget(model)
+
+
+def group_roles(ads: list[nn.Module], model: nn.Module | None) -> tuple[PackedStore, dict] | None:
+    """(store, roles) when ``ads`` (a bank group, in order) is exactly one packed group, else None."""
+    store = store_of(model) if model is not None else None
+    if store is None:
+        return None
+    for slices, roles in store.groups:
+        if len(slices) == len(ads) and all(a is b for a, b in zip(slices, ads)):
+            return store, roles
+    return None
+
+
+def stacked(store: PackedStore, roles: dict, role: str) -> torch.Tensor | None:
+    """The (S, ...) stack of ``role`` over a packed group's slices: the packed tensor itself, or (a tensor
+    shared by runs of consecutive slices) expanded; None when the role is not packed."""
+    if role not in roles:
+        return None
+    key, index = roles[role]
+    P = getattr(store, key)
+    n = len(index)
+    if index == tuple(range(n)):
+        return P
+    k = n // P.shape[0]
+    if P.shape[0] * k == n and index == tuple(i // k for i in range(n)):
+        return P.unsqueeze(1).expand(P.shape[0], k, *P.shape[1:]).reshape(n, *P.shape[1:])
+    return P[list(index)]
+
+
+def packed_roles(module: nn.Module) -> dict[str, Any]:
+    """``{attribute: (store, key, index)}`` of a module's packed tensors (empty when none)."""
+    return module.__dict__.get(_REFS, {})
+
+
+def adapter_tensors(ad: nn.Module) -> list[torch.Tensor]:
+    """Every tensor of a SliceAdapter, packed ones as their views (each shared one once)."""
+    out: list[torch.Tensor] = list(ad.parameters())
+    seen: set[tuple[int, str, int]] = set()
+    for module in ad.modules():
+        for store, key, index in packed_roles(module).values():
+            if (id(store), key, index) not in seen:
+                seen.add((id(store), key, index))
+                out.append(store._parameters[key][index])
+    return out
+
+
+def named_views(model: nn.Module) -> dict[int, list[tuple[str, torch.Tensor, str]]]:
+    """Per packed tensor (by id): its rows as ``(unpacked name, view, role)``."""
+    store = store_of(model)
+    if store is None:
+        return {}
+    return {id(P): [(names[0], P[i], store.kinds[key]) for i, names in enumerate(store.names[key])]
+            for key, P in store._parameters.items()}
+
+
+# ------------------------------------------------------------------------------ state-dict names
+def _save_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    store = store_of(module)
+    if store is None:
+        return
+    for key in store._parameters:
+        P = state_dict.pop(f"{prefix}{ATTR}.{key}", None)
+        if P is None:
+            continue
+        for i, names in enumerate(store.names[key]):
+            for name in names:
+                state_dict[prefix + name] = P[i]
+
+
+def _load_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any, strict: bool,
+               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    store = store_of(module)
+    if store is None:
+        return
+    for key in store._parameters:
+        rows = [[prefix + n for n in names] for names in store.names[key]]
+        if f"{prefix}{ATTR}.{key}" in state_dict or not all(names[0] in state_dict for names in rows):
+            continue  # written packed, or a row missing: load_state_dict reports the packed key missing
+        state_dict[f"{prefix}{ATTR}.{key}"] = torch.stack([state_dict[names[0]] for names in rows])
+        for names in rows:
+            for name in names:
+                state_dict.pop(name, None)
+
+
+def _hook(model: nn.Module) -> None:
+    if not getattr(model, "_doran_packed_hooks", False):
+        model.register_state_dict_post_hook(_save_hook)
+        model.register_load_state_dict_pre_hook(_load_hook)
+        object.__setattr__(model, "_doran_packed_hooks", True)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """The state-dict names of ``model``'s trainable tensors, packed ones by their unpacked names (a shared
+    tensor by its first name, as ``named_parameters`` lists it): what an adapter-only checkpoint holds."""
+    views = named_views(model)
+    out = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out.extend([row_name for row_name, _, _ in views[id(p)]] if id(p) in views else [name])
+    return out
