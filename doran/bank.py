@@ -31,6 +31,7 @@ root forward) and per-head factors (HoRA) use the per-slice computation.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any
 
@@ -159,6 +160,25 @@ def group_entries(entries: list[tuple[Any, Any]]) -> list[list[tuple[Any, Any]]]
     return list(groups.values())
 
 
+def _spans(group) -> list[tuple[nn.Module, int, int]] | None:
+    """(layer, id of its first slice, k slices) per layer when every layer's slices of the group are
+    consecutive in it, in row order, of one shape; else None (each layer gathers its slices itself)."""
+    spans: list[tuple[nn.Module, int, int]] = []
+    for layer, ad in group:
+        if spans and spans[-1][0] is layer:
+            spans[-1] = (layer, spans[-1][1], spans[-1][2] + 1)
+        elif any(s[0] is layer for s in spans):
+            return None
+        else:
+            spans.append((layer, id(ad), 1))
+    for layer, _, k in spans:
+        ads = [ad for lay, ad in group if lay is layer]
+        if len(layer.doran) != k or any(a.start >= b.start for a, b in itertools.pairwise(ads)) or \
+                len({a.stop - a.start for a in ads}) > 1:
+            return None
+    return spans
+
+
 def _layout(group) -> tuple[list[nn.Module], tuple[tuple[int, int], ...]]:
     """The distinct base layers of a group's slices and, per slice, (index of its layer, first row): the
     norm's products with W0 then run once per base weight (the q and v of a qkv together)."""
@@ -182,6 +202,7 @@ class AdapterBank:
         self.groups = group_entries(entries)
         self._layouts = [_layout(group) for group in self.groups]
         self._packed = [packing.group_roles([ad for _, ad in group], model) for group in self.groups]
+        self._spans = [_spans(group) for group in self.groups]
         self.slices = [ad for _, ad in entries]
         self.layers = list({id(layer): layer for layer, _ in entries}.values())
         self.active = False  # inside the model's forward
@@ -203,6 +224,20 @@ class AdapterBank:
             cached = (key, torch.stack([w for w, _ in stats]), torch.stack([rs for _, rs in stats]))
             self._stats[i] = cached
         return cached[1], cached[2]
+
+    def _per_layer(self, i: int, A, B, g) -> dict[int, tuple]:
+        """Eager, per layer of a group whose layers' slices are consecutive in it: the tensors its fused node
+        takes, as views of the group's (no cat, stack or cast per layer): A of all its slices (k r, in) in the
+        compute dtype (one cast for the group), B stacked (k, d, r), g concatenated (k d,); keyed by the id
+        of the layer's first slice. Their gradients come back as one cat per tensor for the group."""
+        spans = self._spans[i]
+        dev = A.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else spans[0][0].weight.dtype
+        sizes = [k for _, _, k in spans]
+        A_cd = torch.empty(A.shape, dtype=cd, device=A.device).copy_(A)  # (S, r, in), row-major: views below
+        parts = zip(spans, A_cd.split(sizes), B.split(sizes), g.split(sizes) if g is not None else [None] * len(sizes))
+        return {first: (a.view(-1, a.shape[-1]), b, None if gg is None else gg.view(-1), cd)
+                for (_, first, _), a, b, gg in parts}
 
     def refresh(self) -> None:
         self.active, self.grad_enabled = True, torch.is_grad_enabled()
@@ -239,14 +274,16 @@ class AdapterBank:
                     layers, layout = self._layouts[i]
                     g = fused.row_scales(A, B, m, t, [layer.weight for layer in layers], layout, w0_sq, ad0.s,
                                          cfg.detach_norm)
-            As, Bs = A.unbind(0), B.unbind(0)
-            gs = g.unbind(0) if g is not None else (None,) * len(ads)
             if traced:  # the compiler tracks this dict (a side effect) and hands the layers its tensors
-                for ad, a, b, gg in zip(ads, As, Bs, gs):
+                gs = g.unbind(0) if g is not None else (None,) * len(ads)
+                for ad, a, b, gg in zip(ads, A.unbind(0), B.unbind(0), gs):
                     handed[id(ad)] = (a, b, gg)
                 continue
+            per_layer = self._per_layer(i, A, B, g) if self._spans[i] is not None else {}
+            As, Bs = A.unbind(0), B.unbind(0)
+            gs = g.unbind(0) if g is not None else (None,) * len(ads)
             for ad, a, b, gg in zip(ads, As, Bs, gs):  # plain attributes: skip nn.Module.__setattr__
-                object.__setattr__(ad, "_banked", (a, b, gg, self))
+                object.__setattr__(ad, "_banked", (a, b, gg, self, per_layer.get(id(ad))))
                 object.__setattr__(ad, "_banked_used", False)
         if traced:
             self.handed = handed
@@ -261,7 +298,8 @@ class AdapterBank:
 
 
 def banked(ad) -> tuple | None:
-    """(A, B, g) for this call of the slice's layer from its model's bank, or None (compute per slice).
+    """(A, B, g) for this call of the slice's layer from its model's bank, or None (compute per slice); eager,
+    a fourth entry: the layer's tensors as views (``AdapterBank._per_layer``) at its first slice, else None.
 
     Served during the model's forward (in the grad mode of the refresh), and again during the backward to
     a layer that used them in the forward: activation checkpointing recomputes the layer there and must see
@@ -278,9 +316,9 @@ def banked(ad) -> tuple | None:
     bank = entry[3]
     if bank.active and bank.grad_enabled == torch.is_grad_enabled():
         object.__setattr__(ad, "_banked_used", True)
-        return entry[:3]
+        return entry[:3] + entry[4:]
     if ad._banked_used and torch._C._current_graph_task_id() != -1:  # recomputed inside the backward
-        return entry[:3]
+        return entry[:3] + entry[4:]
     return None
 
 

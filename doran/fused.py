@@ -216,6 +216,19 @@ def _needs(ctx, k: int) -> tuple[bool, ...]:
     return tuple(ctx.needs_input_grad[:k])
 
 
+def _long_product(X: torch.Tensor, Y: torch.Tensor, chunk: int = 256, traced: bool | None = None) -> torch.Tensor:
+    """``X @ Y`` for X (S, a, K), Y (S, K, b) with a, b the rank and K a layer's width (A A^T, (D B)^T B).
+    cuBLAS runs such a product with one thread block per batch entry looping over all of K (on an H200, 65-130
+    us for K = 4096, S = 8: a tenth of the norm's GPU time); traced, it is computed as K / chunk products over
+    chunks of K and their sum (float32 either way). Eager it stays one product: there the step is bound by
+    the host's launches, not by the GPU."""
+    K = X.shape[2]
+    if not (torch.compiler.is_compiling() if traced is None else traced) or K % chunk or K // chunk < 4:
+        return X @ Y
+    c = K // chunk
+    return (X.unflatten(2, (c, chunk)).transpose(1, 2) @ Y.unflatten(1, (c, chunk))).sum(1)
+
+
 class _RowScale(torch.autograd.Function):
     """g from A (S, r, in), B (S, d, r), m and w0_sq (S, d) or (S*d,), t (broadcastable to m) or None and the
     frozen base weights ``Ws``: ``members[j]`` lists (slice s, first row) of the slices whose d rows belong to
@@ -235,7 +248,7 @@ class _RowScale(torch.autograd.Function):
             S = A.shape[0]
             d = B.shape[1]
             WAt = _w0_products(Ws, members, d, A.transpose(1, 2), left=True)  # (S, d, r)
-            BAAt = B @ (A @ A.transpose(1, 2))  # (S, d, r)
+            BAAt = B @ _long_product(A, A.transpose(1, 2))  # (S, d, r)
             q = torch.add(w0_sq.reshape(S, d), (B * torch.add(WAt, BAAt, alpha=s / 2)).sum(-1), alpha=2.0 * s)
             n = q.clamp_min(0).sqrt().reshape(m.shape)
             den = n if t is None else n + t
@@ -265,7 +278,7 @@ class _RowScale(torch.autograd.Function):
                 dB = (2.0 * s) * Dq * torch.add(WAt, BAAt, alpha=s)
                 DB = Dq * B  # (S, d, r)
                 cross = _w0_products(Ws, members, d, DB, left=False)  # (S, r, in)
-                dA = torch.add(cross, (DB.transpose(1, 2) @ B) @ A, alpha=s) * (2.0 * s)
+                dA = torch.add(cross, _long_product(DB.transpose(1, 2), B) @ A, alpha=s) * (2.0 * s)
         return (dA, dB, dm, dt, None, None, None, None) + (None,) * ctx.n_w
 
 
@@ -345,47 +358,86 @@ class _FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, b, h, B, gcat, ranges, s: float, mode: str):
+        if torch.compiler.is_compiling():
+            return _FusedLinear._traced_forward(ctx, x, W, b, h, B, gcat, ranges, s, mode)
         cd = x.dtype
         out_f = W.shape[0]
-        pure = torch.compiler.is_compiling()  # out-of-place while traced: the compiler fuses it anyway
-        even = _even(ranges) if not pure else None
+        even = _even(ranges)
+        whole = ranges == ((0, out_f),)
         with _no_autocast(x.device.type):
-            if B.ndim == 2:
-                Bs = (B * s).to(cd)
-            elif even is not None:  # the stacked slices into their blocks of a zero B_big
-                Bs = B.new_zeros((out_f, B.shape[0] * B.shape[2]), dtype=cd)
-                _blocks(Bs, even).copy_(B * s)
+            if gcat is not None and mode == "weight":  # W' = g W0, B' = s g B: one GEMM each, saved as they are
+                if B.ndim == 2:
+                    Bx = torch.mul(B * s, gcat[:, None] if whole else _g_full(gcat, ranges, out_f, B.dtype)[:, None],
+                                   out=torch.empty(B.shape, dtype=cd, device=B.device))
+                elif even is not None:
+                    Bx = B.new_zeros((out_f, B.shape[0] * B.shape[2]), dtype=cd)
+                    _blocks(Bx, even).addcmul_(B, gcat.view(even[1], even[2], 1), value=s)
+                else:
+                    Bx = torch.mul(_spread(list(B.unbind(0)), ranges, out_f) * s,
+                                   _g_full(gcat, ranges, out_f, B.dtype)[:, None]).to(cd)
+                if whole:
+                    Wx = torch.mul(W, gcat[:, None], out=torch.empty_like(W))
+                elif even is not None:
+                    Wx = W.clone()
+                    torch.mul(_rows(W, even), gcat.view(even[1], even[2], 1), out=_rows(Wx, even))
+                else:
+                    Wx = torch.mul(W, _g_full(gcat, ranges, out_f, gcat.dtype)[:, None], out=torch.empty_like(W))
+                out = F.linear(x, Wx, b)
+                out.addmm_(h, Bx.t())
+                g = None
             else:
-                Bs = (_spread(list(B.unbind(0)), ranges, out_f) * s).to(cd)
+                if B.ndim == 2:
+                    Bx = torch.mul(B, s, out=torch.empty(B.shape, dtype=cd, device=B.device))
+                elif even is not None:  # the stacked slices into their blocks of a zero B_big
+                    Bx = B.new_zeros((out_f, B.shape[0] * B.shape[2]), dtype=cd)
+                    torch.mul(B, s, out=_blocks(Bx, even))
+                else:
+                    Bx = (_spread(list(B.unbind(0)), ranges, out_f) * s).to(cd)
+                Wx = W
+                if gcat is None:
+                    out = F.linear(x, W, b)
+                    out.addmm_(h, Bx.t())
+                    g = None
+                else:  # z = x W0^T + h (s B)^T; out = g z + b, g in float32 applied to the slices' columns
+                    out = torch.mm(x, W.t())
+                    out.addmm_(h, Bx.t())
+                    if whole:
+                        out.mul_(gcat)
+                    elif even is not None:
+                        _cols(out, even).mul_(gcat.view(even[1], even[2]))
+                    else:
+                        out.mul_(_g_full(gcat, ranges, out_f, gcat.dtype))
+                    if b is not None:
+                        out.add_(b)
+                    g = gcat
+        ctx.s, ctx.mode, ctx.ranges, ctx.traced = s, mode, ranges, False
+        ctx.B_dtype, ctx.B_ndim = B.dtype, B.ndim
+        ctx.has_bias = b is not None
+        ctx.save_for_backward(Wx, b, h, Bx, g, gcat, out if gcat is not None else None)
+        return out
+
+    @staticmethod
+    def _traced_forward(ctx, x, W, b, h, B, gcat, ranges, s: float, mode: str):
+        """The forward as torch.compile traces it: out of place, g built in the compute dtype (the compiler
+        fuses the small ops into its kernels)."""
+        cd = x.dtype
+        out_f = W.shape[0]
+        with _no_autocast(x.device.type):
+            Bs = (B * s).to(cd) if B.ndim == 2 else (_spread(list(B.unbind(0)), ranges, out_f) * s).to(cd)
             g = None
             if gcat is not None and ranges == ((0, out_f),):
                 g = gcat.to(cd)
-            elif gcat is not None and even is not None:
-                g = torch.ones(out_f, dtype=cd, device=gcat.device)
-                _cols(g, even).copy_(gcat.view(even[1], even[2]))
             elif gcat is not None:
-                pieces, offset, last = [], 0, 0
-                for start, stop in ranges:
-                    pieces += [gcat.new_ones(start - last), gcat[offset : offset + stop - start]]
-                    offset, last = offset + stop - start, stop
-                g = torch.cat(pieces + [gcat.new_ones(out_f - last)]).to(cd)
+                g = _g_full(gcat, ranges, out_f, cd)
             if g is None:
-                out = F.linear(x, W, b)
-                out = torch.addmm(out, h, Bs.t()) if pure else out.addmm_(h, Bs.t())
+                out = torch.addmm(F.linear(x, W, b), h, Bs.t())
             elif mode == "weight":
-                out = F.linear(x, W * g[:, None], b)
-                out = torch.addmm(out, h, (Bs * g[:, None]).t()) if pure else out.addmm_(h, (Bs * g[:, None]).t())
-            elif pure:
+                out = torch.addmm(F.linear(x, W * g[:, None], b), h, (Bs * g[:, None]).t())
+            else:
                 out = torch.addmm(torch.mm(x, W.t()), h, Bs.t()) * g
                 if b is not None:
                     out = out + b
-            else:
-                out = torch.mm(x, W.t())
-                out.addmm_(h, Bs.t())
-                out.mul_(g)
-                if b is not None:
-                    out.add_(b)
-        ctx.s, ctx.mode, ctx.ranges = s, mode, ranges
+        ctx.s, ctx.mode, ctx.ranges, ctx.traced = s, mode, ranges, True
         ctx.B_dtype, ctx.B_ndim = B.dtype, B.ndim
         ctx.has_bias = b is not None
         ctx.save_for_backward(W, b, h, Bs, g, gcat, out if g is not None else None)
@@ -396,38 +448,42 @@ class _FusedLinear(torch.autograd.Function):
         W, b, h, Bs, g, gcat, out = ctx.saved_tensors
         need_x, _, need_b, need_h, need_B, need_g = _needs(ctx, 6)
         ranges, s = ctx.ranges, ctx.s
-        even = None if torch.compiler.is_compiling() else _even(ranges)  # traced: per-range ops, fused anyway
-        strided = even is not None
+        traced = ctx.traced
+        out_f = W.shape[0]
+        even = None if traced else _even(ranges)  # traced: per-range ops, fused anyway
         dx = db = dh = dB = dg = None
         with _no_autocast(dy.device.type):
             dy = dy.contiguous()
-            if g is None:
-                dz, Wx, Bx = dy, W, Bs
-            elif ctx.mode == "weight":
-                dz, Wx, Bx = dy, W * g[:, None], Bs * g[:, None]
-            else:
-                dz, Wx, Bx = dy * g, W, Bs
+            if traced:
+                if g is None:
+                    dz, Wx, Bx = dy, W, Bs
+                elif ctx.mode == "weight":
+                    dz, Wx, Bx = dy, W * g[:, None], Bs * g[:, None]
+                else:
+                    dz, Wx, Bx = dy * g, W, Bs
+            else:  # eager: W and B were saved as the GEMMs used them (g in them in weight mode)
+                Wx, Bx = W, Bs
+                if g is None:
+                    dz = dy
+                elif ranges == ((0, out_f),):
+                    dz = torch.mul(dy, g, out=torch.empty_like(dy))
+                elif even is not None:
+                    dz = dy.clone()
+                    _cols(dz, even).mul_(g.view(even[1], even[2]))
+                else:
+                    dz = torch.mul(dy, _g_full(g, ranges, out_f, g.dtype), out=torch.empty_like(dy))
             if need_x:
                 dx = dz @ Wx
             if need_h:
                 dh = dz @ Bx
             if need_B:
                 dBig = dy.t() @ h  # (out, R)
-                if ctx.B_ndim == 2:
-                    dB = dBig.to(ctx.B_dtype) * (s if g is None else s * g.to(ctx.B_dtype)[:, None])
-                else:  # the stack's gradient: the diagonal blocks, each row times s g
-                    if strided:
-                        dB = _blocks(dBig, even).to(ctx.B_dtype)
-                    else:
-                        r = dBig.shape[1] // len(ranges)
-                        dB = torch.stack([dBig[a:z, j * r : (j + 1) * r] for j, (a, z) in enumerate(ranges)])
-                        dB = dB.to(ctx.B_dtype)
-                    dB = dB * (s if gcat is None else gcat.view(dB.shape[0], -1, 1) * s)
+                dB = _dB(dBig, gcat, ranges, even, s, ctx.B_ndim, ctx.B_dtype, out_f)
             if need_b and ctx.has_bias:
                 db = dy.sum(0)
-            if need_g and g is not None:
+            if need_g and gcat is not None:
                 acc = gcat.dtype
-                if strided:  # every slice at once through (N, k, d) views of dy and out
+                if even is not None:  # every slice at once through (N, k, d) views of dy and out
                     dyv = _cols(dy, even)
                     raw = (dyv * _cols(out, even)).sum(0, dtype=acc)
                     if b is not None:  # z = (out - b) / g
@@ -444,6 +500,38 @@ class _FusedLinear(torch.autograd.Function):
                     raw = torch.cat(parts) if len(parts) > 1 else parts[0]
                     dg = torch.where(gcat != 0, raw / gcat, 0.0)  # g = 0: z is not in the output (module doc)
         return dx, None, db, dh, dB, dg, None, None, None
+
+
+def _g_full(gcat: torch.Tensor, ranges, out: int, dtype: torch.dtype) -> torch.Tensor:
+    """g over all rows of a layer (out,): the slices' g in their rows, 1 elsewhere."""
+    pieces, offset, last = [], 0, 0
+    for start, stop in ranges:
+        pieces += [gcat.new_ones(start - last), gcat[offset : offset + stop - start]]
+        offset, last = offset + stop - start, stop
+    return torch.cat(pieces + [gcat.new_ones(out - last)]).to(dtype)
+
+
+def _rows(W: torch.Tensor, even: tuple[int, int, int, int]) -> torch.Tensor:
+    """The slices' rows of W (out, in) as a (k, d, in) view."""
+    start, k, d, step = even
+    return W[start:].as_strided((k, d, W.shape[1]), (step * W.stride(0), W.stride(0), W.stride(1)))
+
+
+def _dB(dBig, gcat, ranges, even, s: float, B_ndim: int, B_dtype, out_f: int) -> torch.Tensor:
+    """The gradient of B (B_big (out, R) or the stack (k, d, r)) from that of B_big, times s (and g)."""
+    if B_ndim == 2:
+        if gcat is None:
+            return torch.mul(dBig, s, out=torch.empty(dBig.shape, dtype=B_dtype, device=dBig.device))
+        g = gcat if ranges == ((0, out_f),) else _g_full(gcat, ranges, out_f, gcat.dtype)
+        return torch.mul(dBig, g[:, None]).to(B_dtype).mul_(s)
+    if even is not None:  # the diagonal blocks, each row times s g
+        blocks = _blocks(dBig, even)
+    else:
+        r = dBig.shape[1] // len(ranges)
+        blocks = torch.stack([dBig[a:z, j * r : (j + 1) * r] for j, (a, z) in enumerate(ranges)])
+    if gcat is None:
+        return torch.mul(blocks, s, out=torch.empty(blocks.shape, dtype=B_dtype, device=dBig.device))
+    return torch.mul(blocks, gcat.view(blocks.shape[0], -1, 1)).to(B_dtype).mul_(s)
 
 
 def _scale_mode(tokens: int, in_features: int) -> str:
@@ -480,9 +568,19 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     b = None if layer.bias is None else layer.bias.to(cd)
 
     banked = [_bank.banked(ad) for ad in ads]  # (A, B, g) from the model's bank (doran/bank.py), or None
+    dropping = layer.training and ads[0].cfg.dropout > 0
+    whole = banked[0] is not None and len(banked[0]) > 3 and banked[0][3] is not None
+    if whole and not dropping and banked[0][3][3] == cd and all(bk is not None for bk in banked):
+        # the bank's views of this layer's tensors: A (k r, in) already in the compute dtype, B (k, d, r), g
+        A_cd, B_k, gcat, _ = banked[0][3]
+        h = F.linear(xc, A_cd)
+        ranges = tuple((ad.start, ad.stop) for ad in ads)
+        B_in = B_k[0] if ranges == ((0, out_f),) else B_k
+        mode = "none" if gcat is None else _scale_mode(x2.shape[0], in_f)
+        out = _FusedLinear.apply(xc, W, b, h, B_in, gcat, ranges, float(ads[0].s), mode)
+        return out.reshape(*lead, out_f)
     factors = [ad.factors() if bk is None else bk[:2] for ad, bk in zip(ads, banked)]
     A_cat = torch.cat([A.reshape(-1, in_f) for A, _ in factors]) if len(ads) > 1 else factors[0][0].reshape(-1, in_f)
-    dropping = layer.training and ads[0].cfg.dropout > 0
     if dropping:  # each slice its own mask, as on the reference path
         h = torch.cat([F.linear(ad.drop(xc), A.reshape(-1, in_f).to(cd)) for ad, (A, _) in zip(ads, factors)],
                       dim=1)

@@ -677,3 +677,15 @@ def test_doran_step_dispatches_near_loras_ops_per_block():
             counts.append(ops["forward"]["compute"] + ops["backward"]["compute"])
         per_block[preset] = (counts[1] - counts[0]) / 2
     assert per_block["doran"] - per_block["lora"] <= 22, per_block
+
+
+def test_long_products_in_chunks_equal_one_product():
+    """The traced row-scale node computes A A^T and (D B)^T B over chunks of the width (fused._long_product)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 4, 2048, generator=g, dtype=torch.float64)
+    Y = torch.randn(3, 2048, 5, generator=g, dtype=torch.float64)
+    got = fused._long_product(X, Y, traced=True)
+    torch.testing.assert_close(got, X @ Y, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(fused._long_product(X, X.transpose(1, 2), traced=True), X @ X.transpose(1, 2),
+                               rtol=1e-12, atol=1e-10)
+    assert torch.equal(fused._long_product(X[:, :, :1000], Y[:, :1000], traced=True), X[:, :, :1000] @ Y[:, :1000])

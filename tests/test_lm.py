@@ -96,7 +96,8 @@ def test_tiny_llama_trains_two_steps_and_is_evaluated(tmp_path):
     assert trainer.global_step == 2
     moved = [n for n, p, _ in doran.named_adapter_parameters(module.model) if not torch.equal(p, before[n])]
     assert moved  # the adapters trained
-    assert all(".doran." in n for n, p in module.model.named_parameters() if p.requires_grad)
+    assert doran.is_packed(module.model)  # packed in setup: the trainable tensors by their unpacked names
+    assert all(".doran." in n for n in doran.packing.trainable_names(module.model))
     result = evaluate_tasks(module.model, module.tokenizer, tests, batch_size=2, max_new_tokens=4)
     assert set(result["tasks"]) == {"boolq", "piqa"}
     assert result["tasks"]["boolq"]["n"] == 3 and result["tasks"]["piqa"]["n"] == 2
