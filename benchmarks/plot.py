@@ -5,7 +5,7 @@
 ``bench_step_time``: per workload (ViT-B/16, LLaMA-shaped), wall step time and GPU-busy time of every
 variant, eager and compiled (``doran.compile_model`` with CUDA graphs, the Lightning modules' default on a
 GPU), as ratios to our LoRA in the same run and the same execution mode, from
-``gpu-h200-{vit,llama}.json`` (one run per workload; ``--models`` takes other files, and where a workload
+``gpu-h200-{vit,llama}-3a9c133.json`` (one run per workload; ``--models`` takes other files, and where a workload
 comes from several, a later file's compiled rows replace earlier ones). ``bench_layer_sweep``: the
 single-layer sweep, DoRAN's GPU-busy time over LoRA's against tokens per step, with g applied to the weight
 and to the output.
@@ -25,9 +25,11 @@ import matplotlib.pyplot as plt
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {
     "lora@compile-ro": "our LoRA, compiled", "dora@compile-ro": "our DoRA, compiled",
-    "doran@compile-ro": "our DoRAN, compiled", "doran@compile-ro-nobank": "DoRAN, compiled, no bank",
+    "doran@compile-ro": "our DoRAN, compiled", "doran@compile-ro-unpacked": "DoRAN, compiled, unpacked",
+    "doran@compile-ro-nobank": "DoRAN, compiled, no bank",
     "doran@compile-ro-ref": "DoRAN, compiled reference path",
     "lora": "our LoRA, eager", "dora": "our DoRA, eager", "doran": "our DoRAN, eager",
+    "doran@unpacked": "DoRAN, eager, unpacked",
     "doran@nobank": "DoRAN, eager, no bank", "doran@reference": "DoRAN, eager reference path",
     "peft-lora": "PEFT LoRA, eager", "peft-dora": "PEFT DoRA, eager",
 }
@@ -53,10 +55,15 @@ def plot_step_time(results: dict, out: Path) -> None:
         wall = [rows[v]["step_ms_median_vs_lora"] for v in names]
         busy = [rows[v]["gpu_busy_ms_vs_lora"] for v in names]
         hatch = ["//" if "@compile" in v else "" for v in names]
-        ax.barh([i + 0.2 for i in y], wall, height=0.38, color="#4c72b0", hatch=hatch, label="wall step time")
+        scale = [rows[v]["step_ms_median"] / wall[i] for i, v in enumerate(names)]  # LoRA's median (ms)
+        spread = [[(rows[v]["step_ms_median"] - rows[v]["step_ms_min"]) / scale[i] for i, v in enumerate(names)],
+                  [(rows[v]["step_ms_max"] - rows[v]["step_ms_median"]) / scale[i] for i, v in enumerate(names)]]
+        ax.barh([i + 0.2 for i in y], wall, height=0.38, color="#4c72b0", hatch=hatch, label="wall step time",
+                xerr=spread, error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333333"})
         ax.barh([i - 0.2 for i in y], busy, height=0.38, color="#dd8452", hatch=hatch, label="GPU-busy time")
         for i, v in enumerate(names):
-            ax.text(wall[i] + 0.03, i + 0.2, f"{rows[v]['step_ms_median']:.1f} ms", va="center", fontsize=8)
+            ax.text(wall[i] + spread[1][i] + 0.03, i + 0.2, f"{rows[v]['step_ms_median']:.1f} ms", va="center",
+                    fontsize=8)
             ax.text(busy[i] + 0.03, i - 0.2, f"{rows[v]['gpu_busy_ms']:.1f} ms", va="center", fontsize=8)
         ax.axvline(1.0, color="black", lw=0.8)
         ax.axvline(1.10, color="grey", lw=0.6, ls="--")  # the wall-time target
@@ -64,12 +71,13 @@ def plot_step_time(results: dict, out: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlabel("x our LoRA in the same mode (same run); dashed: 1.10")
         ax.set_title(WORKLOAD_TITLES.get(w, w), fontsize=10)
-        ax.set_xlim(0, max(wall + busy) * 1.25)
+        ax.set_xlim(0, max([w + e for w, e in zip(wall, spread[1])] + busy) * 1.2)
     from matplotlib.patches import Patch
 
-    axes[0][0].legend(handles=[Patch(color="#4c72b0", label="wall step time"),
-                               Patch(color="#dd8452", label="GPU-busy time")], loc="upper right", fontsize=8)
-    fig.subplots_adjust(wspace=0.55)
+    fig.legend(handles=[Patch(color="#4c72b0", label="wall step time (median; whiskers: min-max of the timed steps)"),
+                        Patch(color="#dd8452", label="GPU-busy time")], loc="lower center", ncol=2, fontsize=8,
+               bbox_to_anchor=(0.5, -0.1))
+    fig.subplots_adjust(wspace=0.75)
     fig.suptitle("Adapter-only training step, bf16 autocast; hatched: compiled + CUDA graphs (ratios to "
                  f"LoRA of the same run and mode); {results['device'].get('cuda_device', '')}", fontsize=11)
     _save(fig, out)
@@ -105,7 +113,7 @@ def plot_layer_sweep(results: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=[str(ROOT / f"benchmarks/results/gpu-h200-{f}.json")
+    parser.add_argument("--models", nargs="+", default=[str(ROOT / f"benchmarks/results/gpu-h200-{f}-3a9c133.json")
                                                          for f in ("vit", "llama")])
     parser.add_argument("--layers", default=str(ROOT / "benchmarks/results/gpu-h100-layer-sweep.json"))
     parser.add_argument("--out", default=str(ROOT / "figures"))

@@ -377,6 +377,12 @@ def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
     model (``doran.pack``) a packed tensor's rows are given under their unpacked names, as views: values
     can be read and written in place, the gradient is the packed tensor's (``model.doran_packed``).
     """
+    for name, p, group, _ in _named_tensors(model):
+        yield name, p, group
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, str, tuple | None]]:
+    """named_adapter_parameters plus, for a packed row, (packed tensor, row index); else None."""
     group_of: dict[int, str] = {}
     for _, module in adapted_modules(model):
         for ad in module.doran.values():
@@ -387,12 +393,33 @@ def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
         name = _WRAPPERS.sub("", name)
         group = group_of.get(id(p))
         if id(p) in views:  # packed (doran/packing.py): its rows under their unpacked names
-            for row_name, row, role in views[id(p)]:
-                yield row_name, row, _group_of(role)
+            for i, (row_name, row, role) in enumerate(views[id(p)]):
+                yield row_name, row, _group_of(role), (p, i)
         elif group is not None:
-            yield name, p, group
+            yield name, p, group, None
         elif p.requires_grad:
-            yield name, p, "other"
+            yield name, p, "other", None
+
+
+def adapter_leaves(model: nn.Module) -> Iterator[tuple[nn.Parameter, str, int]]:
+    """(tensor, group, ndim of the tensors it holds) for every tensor an optimizer steps, each once, in the
+    order of :func:`named_adapter_parameters`: a packed tensor (``doran.pack``) once, with the group and the
+    ndim of its rows (which are one kind); read gradients here, a packed row (a view) has none."""
+    seen: set[int] = set()
+    for _, p, group in named_adapter_parameters(model):
+        leaf = p if p.is_leaf else p._base
+        if id(leaf) not in seen:
+            seen.add(id(leaf))
+            yield leaf, group, p.ndim
+
+
+def named_adapter_gradients(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, gradient) for every tensor of :func:`named_adapter_parameters` that has one; a packed row's
+    is its row of the packed tensor's gradient (the row itself, a view, has none)."""
+    for name, p, _, row in _named_tensors(model):
+        grad = p.grad if row is None else (None if row[0].grad is None else row[0].grad[row[1]])
+        if grad is not None:
+            yield name, grad
 
 
 def trainable_parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -447,20 +474,15 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
     """
     tau_lr = _state(model)["config"].tau_lr if hasattr(model, STATE_ATTR) else None
     decay, no_decay, tau = [], [], []
-    leaves = {}  # a packed tensor (doran/packing.py) goes in the group of its rows, which share one kind
-    for _, p, group in named_adapter_parameters(model):
+    for p, group, ndim in adapter_leaves(model):
         if not p.requires_grad:
             continue
-        leaf = p if p.is_leaf else p._base
-        if id(leaf) in leaves:
-            continue
-        leaves[id(leaf)] = leaf
         if group == "tau":
-            tau.append(leaf)
-        elif p.ndim >= 2:
-            decay.append(leaf)
+            tau.append(p)
+        elif ndim >= 2:
+            decay.append(p)
         else:
-            no_decay.append(leaf)
+            no_decay.append(p)
     groups = [
         {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"},

@@ -617,7 +617,7 @@ class GradNormRecorder(_Columns):
         if trainer.global_step % self.stride:
             return
         parts: dict[str, list[torch.Tensor]] = {}
-        for _, p, group in doran.named_adapter_parameters(pl_module.model):
+        for p, group, _ in doran.adapter_leaves(pl_module.model):  # packed tensors: one per kind
             if p.grad is not None:
                 parts.setdefault(group, []).append(p.grad.detach().float().pow(2).sum())
         if not parts:
@@ -669,9 +669,7 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(self, trainer, pl_module: AdapterClassifier, optimizer) -> None:
         if "16-mixed" in str(trainer.precision) and "bf16" not in str(trainer.precision):
             return
-        named = [
-            (n, p.grad) for n, p, _ in doran.named_adapter_parameters(pl_module.model) if p.grad is not None
-        ]
+        named = list(doran.named_adapter_gradients(pl_module.model))  # packed rows: rows of packed gradients
         if not named:
             return
         finite = torch.stack([torch.isfinite(g).all() for _, g in named])  # one transfer per step

@@ -209,3 +209,19 @@ def test_a_compiled_packed_model_gives_the_eager_values_and_gradients():
             torch.testing.assert_close(g, grads[row_name], rtol=1e-5, atol=1e-7, msg=row_name)
             checked += 1
     assert checked == len(grads)
+
+
+def test_gradients_by_unpacked_name_and_optimizer_leaves():
+    """named_adapter_gradients gives a packed row its row of the packed gradient (what the non-finite guard
+    and the gradient-norm recorder read); adapter_leaves lists each packed tensor once with its rows' group."""
+    model, packed, x = _pair()
+    for m in (model, packed):
+        m(x).square().sum().backward()
+    got, want = dict(doran.named_adapter_gradients(packed)), dict(doran.named_adapter_gradients(model))
+    assert set(got) == set(want) and len(want) == 50
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=0, atol=0, msg=name)
+    leaves = list(doran.adapter_leaves(packed))
+    assert len(leaves) == 12 and all(p.is_leaf for p, _, _ in leaves)
+    assert {g for _, g, _ in leaves} == {"generator", "magnitude", "tau", "other"}
+    assert sum(p.numel() for p, _, _ in leaves) == sum(p.numel() for p, _, _ in doran.adapter_leaves(model))

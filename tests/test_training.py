@@ -131,15 +131,21 @@ def test_checkpoint_holds_adapter_tensors_only_and_reloads(tokenizer, tmp_path):
     path = tmp_path / "c.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
-    trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
+    assert doran.is_packed(module.model)  # packed in setup; the checkpoint holds the unpacked names
+    trainable = {f"model.{n}" for n in doran.packing.trainable_names(module.model)}
+    unpacked = _module("doran")
+    assert trainable == {f"model.{n}" for n, p in unpacked.model.named_parameters() if p.requires_grad}
     assert set(ckpt["state_dict"]) == trainable
     saved = sum(t.numel() for t in ckpt["state_dict"].values())
     assert saved < sum(t.numel() for t in module.state_dict().values()) / 10
-    fresh = _module("doran")
-    fresh.load_state_dict(ckpt["state_dict"], strict=False)
-    fresh.on_load_checkpoint(ckpt)
-    for (name, p), (_, q) in zip(module.model.named_parameters(), fresh.model.named_parameters()):
-        assert torch.equal(p, q), name
+    for fresh in (unpacked, _module("doran")):  # loads unpacked, and packed
+        if fresh is not unpacked:
+            doran.pack(fresh.model)
+        fresh.load_state_dict(ckpt["state_dict"], strict=False)
+        fresh.on_load_checkpoint(ckpt)
+        got = fresh.model.state_dict()
+        for name, p in module.model.state_dict().items():
+            assert torch.equal(p, got[name]), name
 
 
 # --------------------------------------------------------------------------------------------- callbacks
