@@ -227,6 +227,14 @@ class SliceAdapter(nn.Module):
         self.rotation = (OutputRotation(out_f, cfg.rotation_rank, cfg.rotation_s0, dtype, device)
                          if cfg.rotation_rank > 0 else None)
 
+    def __getstate__(self) -> dict:
+        """Without the tensors the bank handed over for the last forward (doran/bank.py): they belong to that
+        forward's autograd graph, which ``copy.deepcopy`` cannot copy and a pickle should not hold."""
+        state = self.__dict__.copy()
+        state["_banked"], state["_banked_used"] = None, False
+        state.pop("_bank", None)
+        return state
+
     # ------------------------------------------------------------------ pieces
     @property
     def rows(self) -> slice:

@@ -71,9 +71,21 @@ def _packed_class(cls: type, attrs: tuple[str, ...]) -> type:
     key = (cls, attrs)
     if key not in _CLASSES:
         body = {a: _view(a) for a in attrs}
-        body["_doran_unpacked_class"] = cls
+        body.update(_doran_unpacked_class=cls, _doran_attrs=attrs, __reduce_ex__=_reduce_ex)
         _CLASSES[key] = type(f"Packed{cls.__name__}", (cls,), body)
     return _CLASSES[key]
+
+
+def _rebuild(cls: type, attrs: tuple[str, ...]) -> nn.Module:
+    packed = _packed_class(cls, attrs)
+    return packed.__new__(packed)
+
+
+def _reduce_ex(self: nn.Module, protocol: int):
+    """Pickle (``torch.save(model)``) and ``copy.deepcopy`` a module of a made-up class by its base class and
+    packed names: the class is made again where it is loaded."""
+    cls = type(self)
+    return _rebuild, (cls._doran_unpacked_class, cls._doran_attrs), self.__getstate__()
 
 
 def _owner(root: nn.Module, local: str) -> tuple[nn.Module, str]:
@@ -121,7 +133,7 @@ def pack(model: nn.Module) -> PackedStore | None:
         raise RuntimeError("the model is merged; call doran.unmerge(model) before doran.pack(model)")
     if bank._sharded(model):
         raise RuntimeError("doran.pack does not work on a sharded model (FSDP shards each block's tensors, "
-                           "packed ones would belong to the root); pack before sharding or leave it unpacked")
+                           "packed ones would belong to the root); leave it unpacked (the Lightning modules do)")
     slice_names = {id(ad): f"{name}.doran.{key}" for name, layer in adapted_modules(model)
                    for key, ad in layer.doran.items()}  # module paths: the state-dict names
     groups = bank.group_entries(bank._entries(model))

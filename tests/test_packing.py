@@ -225,3 +225,30 @@ def test_gradients_by_unpacked_name_and_optimizer_leaves():
     assert len(leaves) == 12 and all(p.is_leaf for p, _, _ in leaves)
     assert {g for _, g, _ in leaves} == {"generator", "magnitude", "tau", "other"}
     assert sum(p.numel() for p, _, _ in leaves) == sum(p.numel() for p, _, _ in doran.adapter_leaves(model))
+
+
+@pytest.mark.parametrize("packed_model", [False, True])
+def test_copy_pickle_and_merged_copy_after_a_training_step(packed_model, tmp_path):
+    """The bank's tensors of the last forward belong to its autograd graph: deepcopy, torch.save(model) and
+    merged_copy leave them out (they failed on any injected model after a training forward)."""
+    import io
+
+    model, packed, x = _pair()
+    m = packed if packed_model else model
+    m(x).square().sum().backward()
+    want = m(x).detach()
+    copied = copy.deepcopy(m)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (copied, loaded):
+        torch.testing.assert_close(other(x), want, rtol=0, atol=0)
+        assert doran.is_packed(other) == packed_model
+    if packed_model:  # the copy reads its own store
+        with torch.no_grad():
+            loaded.doran_packed.g0_magnitude.mul_(2)
+        assert not torch.equal(loaded(x), want)
+        torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+    m(x).sum().backward()
+    torch.testing.assert_close(doran.merged_copy(m)(x), want, rtol=1e-5, atol=1e-6)
