@@ -20,7 +20,9 @@ Everything else sees the model as before:
 - ``doran.param_groups`` hands the optimizer the packed tensors with the group of their kind (decay on
   matrices only, as the per-slice tensors): AdamW is elementwise, so the update is the per-slice one.
 - ``model.parameters()`` yields the packed tensors instead of the per-slice ones: build the optimizer after
-  ``pack`` (the Lightning modules pack in ``setup``, before the optimizer exists).
+  ``pack`` (the Lightning modules pack in ``setup``, before the optimizer exists). A row's gradient is its
+  row of the packed tensor's (``doran.named_adapter_gradients``), and ``requires_grad`` is the packed
+  tensor's: freeze tensors before packing (tensors of one kind and group with mixed flags stay unpacked).
 
 Only tensors used by one group alone are packed: a generator layer shared across groups (``sharing=
 "global"`` over projections of different shapes) stays where it is, and so do the adapters the bank does
