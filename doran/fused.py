@@ -410,10 +410,7 @@ class _FusedLinear(torch.autograd.Function):
                     if b is not None:
                         out.add_(b)
                     g = gcat
-        ctx.s, ctx.mode, ctx.ranges, ctx.traced = s, mode, ranges, False
-        ctx.B_dtype, ctx.B_ndim = B.dtype, B.ndim
-        ctx.has_bias = b is not None
-        ctx.save_for_backward(Wx, b, h, Bx, g, gcat, out if gcat is not None else None)
+        _keep(ctx, False, s, mode, ranges, B, (Wx, b, h, Bx, g, gcat, out if gcat is not None else None))
         return out
 
     @staticmethod
@@ -437,10 +434,7 @@ class _FusedLinear(torch.autograd.Function):
                 out = torch.addmm(torch.mm(x, W.t()), h, Bs.t()) * g
                 if b is not None:
                     out = out + b
-        ctx.s, ctx.mode, ctx.ranges, ctx.traced = s, mode, ranges, True
-        ctx.B_dtype, ctx.B_ndim = B.dtype, B.ndim
-        ctx.has_bias = b is not None
-        ctx.save_for_backward(W, b, h, Bs, g, gcat, out if g is not None else None)
+        _keep(ctx, True, s, mode, ranges, B, (W, b, h, Bs, g, gcat, out if g is not None else None))
         return out
 
     @staticmethod
@@ -500,6 +494,14 @@ class _FusedLinear(torch.autograd.Function):
                     raw = torch.cat(parts) if len(parts) > 1 else parts[0]
                     dg = torch.where(gcat != 0, raw / gcat, 0.0)  # g = 0: z is not in the output (module doc)
         return dx, None, db, dh, dB, dg, None, None, None
+
+
+def _keep(ctx, traced: bool, s: float, mode: str, ranges, B: torch.Tensor, saved: tuple) -> None:
+    """What _FusedLinear's backward reads: the settings and, saved, (W, b, h, B as used, g, gcat, out)."""
+    ctx.s, ctx.mode, ctx.ranges, ctx.traced = s, mode, ranges, traced
+    ctx.B_dtype, ctx.B_ndim = B.dtype, B.ndim
+    ctx.has_bias = saved[1] is not None
+    ctx.save_for_backward(*saved)
 
 
 def _g_full(gcat: torch.Tensor, ranges, out: int, dtype: torch.dtype) -> torch.Tensor:
