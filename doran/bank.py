@@ -279,7 +279,9 @@ class AdapterBank:
                 for ad, a, b, gg in zip(ads, A.unbind(0), B.unbind(0), gs):
                     handed[id(ad)] = (a, b, gg)
                 continue
-            per_layer = self._per_layer(i, A, B, g) if self._spans[i] is not None else {}
+            # layers dropping their input take per-slice factors (a mask each): no per-layer views for them
+            dropping = ad0.cfg.dropout > 0 and any(layer.training for layer, _ in group)
+            per_layer = self._per_layer(i, A, B, g) if self._spans[i] is not None and not dropping else {}
             As, Bs = A.unbind(0), B.unbind(0)
             gs = g.unbind(0) if g is not None else (None,) * len(ads)
             for ad, a, b, gg in zip(ads, As, Bs, gs):  # plain attributes: skip nn.Module.__setattr__
