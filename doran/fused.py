@@ -470,14 +470,27 @@ class _FusedLinear(torch.autograd.Function):
                 dx = dz @ Wx
             if need_h:
                 dh = dz @ Bx
+            # traced output mode: only dz = g dy is used (dB = s dz^T h, dL/dg from dz): the compiler then
+            # fuses g into dy's producer and never writes dy itself (one (N, out) tensor less per layer)
+            from_dz = traced and g is not None and ctx.mode != "weight"
             if need_B:
-                dBig = dy.t() @ h  # (out, R)
-                dB = _dB(dBig, gcat, ranges, even, s, ctx.B_ndim, ctx.B_dtype, out_f)
+                dBig = (dz if from_dz else dy).t() @ h  # (out, R)
+                dB = _dB(dBig, None if from_dz else gcat, ranges, even, s, ctx.B_ndim, ctx.B_dtype, out_f)
             if need_b and ctx.has_bias:
                 db = dy.sum(0)
             if need_g and gcat is not None:
                 acc = gcat.dtype
-                if even is not None:  # every slice at once through (N, k, d) views of dy and out
+                if from_dz:  # dL/dg = sum_t dy z = sum_t dz (out - b) / g^2 (g as applied, in the compute dtype)
+                    parts = []
+                    for start, stop in ranges:
+                        ok = out[:, start:stop]
+                        if b is not None:
+                            ok = ok - b[start:stop]
+                        raw = (dz[:, start:stop] * ok).sum(0, dtype=acc)
+                        gk = g[start:stop].to(acc)
+                        parts.append(torch.where(gk != 0, raw / gk / gk, 0.0))
+                    dg = torch.cat(parts) if len(parts) > 1 else parts[0]
+                elif even is not None:  # every slice at once through (N, k, d) views of dy and out
                     dyv = _cols(dy, even)
                     raw = (dyv * _cols(out, even)).sum(0, dtype=acc)
                     if b is not None:  # z = (out - b) / g
