@@ -25,7 +25,7 @@ import torch
 
 import doran
 from benchmarks.step_time import execution_for, host_workload, split_variant
-from doran.compiling import WholeCall
+from doran.compiling import CompiledModel
 
 VARIANTS = ("lora@compile-ro", "dora@compile-ro", "doran@compile-ro", "doran@compile-ro-unpacked")
 
@@ -70,7 +70,7 @@ def count(variant: str) -> dict[str, Any]:
     store: dict[str, Any] = {}
     torch._dynamo.reset()
     with execution_for(variant):
-        work["step"](torch.compile(WholeCall(model), backend=_backend(store))).backward()
+        work["step"](CompiledModel(model, backend=_backend(store))).backward()
     torch._dynamo.reset()
     store["trainable_tensors"] = sum(p.requires_grad for p in model.parameters())
     return store

@@ -208,14 +208,22 @@ class AdapterBank:
         self.active = False  # inside the model's forward
         self.grad_enabled = False  # grad mode of the last refresh
         self._stats: dict[int, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
+        # ||W0||^2_row and tau row scales as a compiled forward reads them (``sync_stats``): one pair per group,
+        # refreshed in place, valid for the next compiled call only (``stats_synced``)
+        self.static_stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._static_keys: dict[int, tuple[Any, ...]] = {}
+        self.stats_synced = False
         self.handed: dict[int, tuple] = {}  # id(slice) -> (A, B, g) while traced by torch.compile
         for _, ad in entries:  # the way back from a slice to its bank inside a compiled graph
             object.__setattr__(ad, "_bank", self)
 
     def _stacked_stats(self, i: int, group) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked ``||W0||^2_row`` and tau row scales of a group, restacked when a base weight changes
-        (computed in the graph when traced: no Python-side cache there)."""
+        """Stacked ``||W0||^2_row`` and tau row scales of a group, restacked when a base weight changes.
+        Traced, the graph reads the copies ``sync_stats`` checked just before the compiled call, or, without
+        that check (a model compiled other than by ``doran.compile_model``), computes them itself."""
         if torch.compiler.is_compiling():
+            if self.stats_synced and i in self.static_stats:
+                return self.static_stats[i]
             return _traced_stats(group)
         key = tuple((layer.weight.data_ptr(), layer.weight._version) for layer, _ in group)
         cached = self._stats.get(i)
@@ -224,6 +232,31 @@ class AdapterBank:
             cached = (key, torch.stack([w for w, _ in stats]), torch.stack([rs for _, rs in stats]))
             self._stats[i] = cached
         return cached[1], cached[2]
+
+    def sync_stats(self) -> None:
+        """Eager, before a compiled call (``doran.compile_model``): bring each group's stats up to date with
+        the base weights (recomputed only when a weight changed: its version or storage) in tensors of fixed
+        address that the compiled graph reads, so that the graph does not read every frozen W0 once more per
+        step for its row norms. Valid for one call: the model's forward hook clears ``stats_synced``."""
+        for i, group in enumerate(self.groups):
+            if not group[0][1].cfg.magnitude:
+                continue
+            w0_sq, row_scale = self._stacked_stats(i, group)
+            key = self._stats[i][0]
+            held = self.static_stats.get(i)
+            if held is not None and all(h.shape == t.shape and h.dtype == t.dtype and h.device == t.device
+                                        for h, t in zip(held, (w0_sq, row_scale))):
+                if self._static_keys[i] != key:  # a weight changed since the last copy
+                    held[0].copy_(w0_sq)
+                    held[1].copy_(row_scale)
+                    self._static_keys[i] = key
+                continue
+            copies = (w0_sq.clone(), row_scale.clone())
+            for t in copies:  # CUDA graphs read them where they are (no copy into the graph's inputs)
+                torch._dynamo.mark_static_address(t)
+            self.static_stats[i] = copies
+            self._static_keys[i] = key
+        self.stats_synced = True
 
     def _per_layer(self, i: int, A, B, g) -> dict[int, tuple]:
         """Eager, per layer of a group whose layers' slices are consecutive in it: the tensors its fused node
@@ -377,10 +410,26 @@ def _post_hook(model: nn.Module, args, output) -> None:
         if bank is not None and bank.active:
             bank.active = False
             bank.handed = {}
+        if bank is not None and bank.stats_synced:
+            bank.stats_synced = False
         return
     bank = _BANKS.get(model)
     if bank is not None:
         bank.active = False  # the tensors stay for a recomputation in the backward (checkpointing)
+        bank.stats_synced = False
+
+
+def sync_stats(model: nn.Module) -> None:
+    """Before a compiled call of ``model`` (``doran.compile_model`` calls it eagerly): its bank's copies of the
+    frozen weights' row norms brought up to date (``AdapterBank.sync_stats``); nothing without a bank or
+    when the traced forward would not use it."""
+    if not (fused.bank_enabled() and fused.compiled_bank()):
+        return
+    bank = model.__dict__.get("_doran_bank")
+    if bank is None or not bank.usable or not bank.groups or any(layer.merged for layer in bank.layers) or \
+            _gathered_elsewhere(bank):
+        return
+    bank.sync_stats()
 
 
 def forget(model: nn.Module) -> None:

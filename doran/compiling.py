@@ -64,8 +64,28 @@ class WholeCall(nn.Module):
         return self.model(*args, **kwargs)
 
 
+class CompiledModel(nn.Module):
+    """What ``compile_model`` returns: per call, eagerly, the adapter bank's copies of the frozen weights' row
+    norms brought up to date (``doran.bank.sync_stats``: a version check per weight, a recomputation only
+    when one changed), then the compiled ``WholeCall``. The graph reads those copies instead of computing
+    ``||W0||_row`` from every frozen W0 each step (on the LLaMA-shaped benchmark, eight 4096 x 4096 reads:
+    0.1 ms of GPU time per step). The compiled call is not a registered submodule: the state dict is the
+    model's, under the name ``model``."""
+
+    def __init__(self, model: nn.Module, **compile_kwargs: Any) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "compiled", torch.compile(WholeCall(model), **compile_kwargs))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from .bank import sync_stats
+
+        sync_stats(self.model)
+        return self.compiled(*args, **kwargs)
+
+
 def compile_model(model: nn.Module, mode: str = "auto") -> nn.Module:
-    """``model`` itself for ``"none"``, else a ``torch.compile`` wrapper that shares its parameters and traces
+    """``model`` itself for ``"none"``, else a ``CompiledModel``: it shares ``model``'s parameters and traces
     its hooks and forward as one graph (``WholeCall``); ``mode`` is one of ``COMPILE_MODES``, ``"auto"``
     resolved on the device of the model's parameters (CUDA graphs on a GPU, eager on a CPU). Use this
     rather than ``torch.compile(model)`` on an injected model (doran/bank.py)."""
@@ -76,8 +96,8 @@ def compile_model(model: nn.Module, mode: str = "auto") -> nn.Module:
     if mode == "none":
         return model
     if mode == "aot_eager":
-        return torch.compile(WholeCall(model), backend="aot_eager")
-    return torch.compile(WholeCall(model), mode=None if mode == "default" else mode)
+        return CompiledModel(model, backend="aot_eager")
+    return CompiledModel(model, mode=None if mode == "default" else mode)
 
 
 def adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float, sharded: bool = False) -> torch.optim.AdamW:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import doran
-from doran.compiling import TOKEN_MULTIPLE, CompiledRunner, pad_tokens, resolve_compile
+from doran.compiling import TOKEN_MULTIPLE, CompiledModel, CompiledRunner, WholeCall, pad_tokens, resolve_compile
 from doran.lm import CausalLMModule
 from doran.optim import FusedAdamW
 from doran.training import AdapterClassifier, build_text_model, build_timm
@@ -79,7 +79,8 @@ def test_a_compiled_classifier_trains_the_adapter_the_eager_one_trains():
     eager = _fit(tokenizer, "none")
     compiled = _fit(tokenizer, "aot_eager")
     assert eager.runner.mode == "none" and compiled.runner.mode == "aot_eager"
-    assert isinstance(compiled.runner.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled.runner.model, CompiledModel)
+    assert isinstance(compiled.runner.model.compiled, torch._dynamo.eval_frame.OptimizedModule)
     got = {n: p for n, p, _ in doran.named_adapter_parameters(compiled.model)}
     for name, p, _ in doran.named_adapter_parameters(eager.model):
         torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-6, msg=name)
@@ -178,6 +179,56 @@ def test_compile_model_traces_the_bank_hook_and_the_forward_as_one_graph():
     assert doran.compile_model(model) is model  # auto on a CPU: eager
     with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
         doran.compile_model(model, "fast")
+
+
+def _graph_ops(store: list):
+    """An aot_eager-like backend that records the aten ops of each forward graph it compiles."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fw(gm, example_inputs):
+        store.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=fw, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+
+
+def test_compile_model_reads_the_row_norms_it_checked_and_follows_a_changed_base_weight():
+    """compile_model's graph takes ||W0||_row from the bank's copies (no norm of W0 in the graph), checked
+    against the weights' versions before each call: a base weight changed in place between calls gives the
+    eager values of the new weight. A model compiled directly computes the norms in its graph."""
+    from tests.test_fused import Blocks, _perturb
+
+    torch.manual_seed(0)
+    model = Blocks(d=8, n=2)
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
+    _perturb(model)
+    x = torch.randn(4, 8)
+    graphs: list = []
+    torch._dynamo.reset()
+    compiled = doran.compile_model(model, "aot_eager")
+    compiled.compiled = torch.compile(WholeCall(model), backend=_graph_ops(graphs))
+    for step in range(3):
+        if step == 2:  # the base weight of the second block's q_proj changes in place
+            with torch.no_grad():
+                model.layers[1].q_proj.weight.mul_(1.5)
+        out = compiled(x)
+        out.square().sum().backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        ref = model(x)
+        ref.square().sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+        model.zero_grad()
+    assert len(graphs) == 1 and not any("norm" in op for op in graphs[0])
+    bare: list = []
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(WholeCall(model), backend=_graph_ops(bare))(x), model(x))
+    assert any("linalg_vector_norm" in op for op in bare[0])
+    torch._dynamo.reset()
 
 
 def test_adamw_is_the_default_implementation_off_a_gpu():
