@@ -213,7 +213,7 @@ def autocast(device: str):
 
 
 def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int, warmup: int,
-                 profile_steps: int = 5) -> dict[str, Any]:
+                 profile_steps: int = 5, keep: dict[str, Any] | None = None) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     # auto: as the Lightning modules step (doran.compiling.adamw: doran.optim.FusedAdamW on a GPU); else
     # PyTorch's AdamW, fused or foreach (the multi-tensor one CUDA uses by default; the host proxy's default)
@@ -282,22 +282,66 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
     if op_counts is not None:
         result["ops_per_step"] = op_counts
     if device == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(profile_steps):
-                step()
-            sync()
-        kernel_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA"
-                        and e.device_time_total > 0 and not e.key.startswith("Memcpy"))
-        top = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0),
-                     key=lambda e: -e.device_time_total)[: None if work.get("all_kernels") else 12]
-        result["top_kernels"] = [{"name": e.key[:160], "ms_per_step": e.device_time_total / 1e3 / profile_steps,
-                                  "calls_per_step": e.count / profile_steps} for e in top]
-        n_kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
-        result["gpu_busy_ms"] = kernel_us / 1e3 / profile_steps
-        result["kernels_per_step"] = n_kernels / profile_steps
+        result.update(profile_kernels(step, profile_steps, work.get("all_kernels")))
+    if keep is not None:  # for the interleaved rounds (``interleaved_rounds``)
+        keep["step"] = step
     return result
+
+
+def profile_kernels(step: Callable[[], None], steps: int, all_kernels: bool = False) -> dict[str, Any]:
+    """GPU-busy time per step (CUDA kernel time, copies left out), kernels per step and the top kernels, from
+    torch.profiler over ``steps`` calls of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernel_us = sum(e.device_time_total for e in events if e.device_time_total > 0 and not e.key.startswith("Memcpy"))
+    top = sorted((e for e in events if e.device_time_total > 0),
+                 key=lambda e: -e.device_time_total)[: None if all_kernels else 12]
+    return {"top_kernels": [{"name": e.key[:160], "ms_per_step": e.device_time_total / 1e3 / steps,
+                             "calls_per_step": e.count / steps} for e in top],
+            "gpu_busy_ms": kernel_us / 1e3 / steps,
+            "kernels_per_step": sum(e.count for e in events) / steps}
+
+
+def interleaved_rounds(kept: dict[str, Callable[[], None]], device: str, rounds: int,
+                       steps: int = 5) -> dict[str, dict[str, Any]]:
+    """Every variant's step again, in ``rounds`` rounds that visit the variants in turn (the order reversed
+    every other round): per round and variant, ``steps`` wall-timed steps and one profiled step. A GPU's
+    clock drifts with its temperature and power over minutes, so variants measured one after another in a
+    long run are not timed under the same conditions (on one H200, the same bf16 GEMMs of the LLaMA-shaped
+    model took 2-4 % longer in the variants timed after LoRA); interleaved, each variant sees every phase.
+    Reported per variant: the median wall step over all rounds, the mean GPU-busy time and its spread."""
+    names = list(kept)
+    walls: dict[str, list[float]] = {n: [] for n in names}
+    busy: dict[str, list[float]] = {n: [] for n in names}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            step = kept[name]
+            with execution_for(name):
+                step()  # the first call after another variant's: not timed
+                sync()
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    step()
+                    sync()
+                    walls[name].append(1e3 * (time.perf_counter() - t0))
+                if device == "cuda":
+                    busy[name].append(profile_kernels(step, 1)["gpu_busy_ms"])
+    out = {}
+    for name in names:
+        row: dict[str, Any] = {"rounds": rounds, "steps_per_round": steps,
+                               "step_ms_median": statistics.median(walls[name]),
+                               "step_ms_min": min(walls[name]), "step_ms_max": max(walls[name])}
+        if busy[name]:
+            row.update(gpu_busy_ms=statistics.fmean(busy[name]), gpu_busy_ms_min=min(busy[name]),
+                       gpu_busy_ms_max=max(busy[name]))
+        out[name] = row
+    return out
 
 
 def time_phases(work: dict[str, Any], model: nn.Module, opt, device: str, steps: int) -> dict[str, float]:
@@ -449,26 +493,31 @@ INFER_STEPS = 50
 def run_workload(name: str, variants: list[str], device: str, steps: int, warmup: int,
                  inference: bool = False, on_row: Callable[[dict[str, Any]], None] | None = None,
                  adam: str = "auto", phases: bool = False, all_kernels: bool = False,
-                 cprofile: bool = False, ops: bool = False) -> dict[str, Any]:
+                 cprofile: bool = False, ops: bool = False, rounds: int = 0) -> dict[str, Any]:
     work = WORKLOADS[name](device)
     work.update(adam=adam, phases=phases, all_kernels=all_kernels, cprofile=cprofile, ops=ops)
     work["model"] = work["model"].to(device)
     with torch.no_grad(), autocast(device):
         reference = work["out"](work["model"]).float()
     rows = {}
+    kept: dict[str, Callable[[], None]] = {}
     for variant in variants:
         model = build_variant(work, variant, device)
         with execution_for(variant):
             row: dict[str, Any] = {"identity_rel_err": check_identity(work, model, reference, device)}
             if split_variant(variant)[0] in doran.PRESETS:
                 row["layer_vs_float64_rel_err"] = check_layer_against_reference(model)
-            row.update(time_variant(work, model, device, steps, warmup))
+            keep: dict[str, Any] = {}
+            row.update(time_variant(work, model, device, steps, warmup, keep=keep))
             if inference and variant == "base":
                 row["infer_ms"] = time_inference(work, model, device, INFER_STEPS, warmup)
             elif inference and split_variant(variant) == (split_variant(variant)[0], "fused") and \
                     split_variant(variant)[0] in doran.PRESETS:
                 doran.merge(model)
                 row["merged_infer_ms"] = time_inference(work, model, device, INFER_STEPS, warmup)
+                keep.clear()  # merged: no longer the model that was timed
+            if rounds and "step" in keep:  # the model stays alive for the interleaved rounds
+                kept[variant] = keep["step"]
         rows[variant] = row
         if on_row is not None:  # a killed run keeps the variants it measured
             on_row(rows)
@@ -476,10 +525,18 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
               f"{row.get('gpu_busy_ms', float('nan')):8.2f} ms  mem {row['peak_mem_mib'] or 0:8.0f} MiB  "
               f"identity {row['identity_rel_err']:.1e}  grad {row.get('first_grad_norm') or 0:.4e}", flush=True)
         del model
-        torch._dynamo.reset()  # compiled graphs (and CUDA-graph pools) hold the model: free them
+        if not rounds:
+            torch._dynamo.reset()  # compiled graphs (and CUDA-graph pools) hold the model: free them
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+    if kept:
+        print(f"  {name:6s} {rounds} interleaved rounds of {len(kept)} variants", flush=True)
+        for variant, inter in interleaved_rounds(kept, device, rounds).items():
+            rows[variant]["interleaved"] = inter
+        kept.clear()
+        torch._dynamo.reset()
+        gc.collect()
     for variant, row in rows.items():  # ratios to our LoRA in the same execution mode
         _, mode = split_variant(variant)
         same = mode.removesuffix("-ref").removesuffix("-nobank").removesuffix("-unpacked")
@@ -489,6 +546,11 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
             for key in ("step_ms_median", "gpu_busy_ms", "peak_mem_mib"):
                 if row.get(key) is not None and lora.get(key):
                     row[f"{key}_vs_lora"] = row[key] / lora[key]
+            inter, inter_lora = row.get("interleaved"), lora.get("interleaved")
+            if inter and inter_lora:
+                for key in ("step_ms_median", "gpu_busy_ms"):
+                    if inter.get(key) is not None and inter_lora.get(key):
+                        inter[f"{key}_vs_lora"] = inter[key] / inter_lora[key]
         peft_dora = rows.get("peft-dora")
         if peft_dora:
             for key in ("step_ms_median", "gpu_busy_ms", "peak_mem_mib"):
@@ -565,6 +627,19 @@ def table(results: dict[str, Any]) -> str:
                          f"{f('step_ms_median_vs_lora')} | {f('step_ms_median_vs_peft_dora')} | {f('gpu_busy_ms')} | "
                          f"{f('gpu_busy_ms_vs_lora')} | {f('kernels_per_step', '.0f')} | {f('peak_mem_mib', '.0f')} | "
                          f"{f('peak_mem_mib_vs_lora', '.3f')} | {f('merged_infer_vs_base', '.3f')} |")
+    inter = [(w, v, r["interleaved"]) for w, rows in results["workloads"].items() for v, r in rows.items()
+             if r.get("interleaved")]
+    if inter:
+        lines += ["", "Interleaved rounds (every variant timed in turn; benchmarks/step_time.py interleaved_rounds):", "",
+                  "| workload | variant | step ms (median) | min-max | x LoRA | GPU-busy ms (mean) | min-max | x LoRA |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for w, v, r in inter:
+            def g(key, spec=".2f", r=r):
+                return "-" if r.get(key) is None else format(r[key], spec)
+            lines.append(f"| {w} | {v} | {g('step_ms_median')} | {g('step_ms_min')}-{g('step_ms_max')} | "
+                         f"{g('step_ms_median_vs_lora', '.3f')} | {g('gpu_busy_ms')} | "
+                         f"{g('gpu_busy_ms_min') + '-' + g('gpu_busy_ms_max') if 'gpu_busy_ms_min' in r else '-'} | "
+                         f"{g('gpu_busy_ms_vs_lora', '.3f')} |")
     if results.get("layer_sweep"):
         lines += ["", "| width | rank | tokens | " + " | ".join(f"{v} GPU ms" for v in LAYER_VARIANTS) + " |",
                   "|---|---|---|" + "---|" * len(LAYER_VARIANTS)]
@@ -598,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cprofile", action="store_true", help="also record the host's top Python functions")
     parser.add_argument("--ops", action="store_true",
                         help="also count the aten ops a step dispatches (forward, backward; compute and views)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="then time every variant again in this many interleaved rounds (models kept alive; "
+                             "see interleaved_rounds) and report those ratios too")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -625,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         results["workloads"][name] = run_workload(name, args.variants, device, args.steps, args.warmup,
                                                   args.inference, on_row=partial, adam=args.adam,
                                                   phases=args.phases, all_kernels=args.all_kernels,
-                                                  cprofile=args.cprofile, ops=args.ops)
+                                                  cprofile=args.cprofile, ops=args.ops, rounds=args.rounds)
         if args.out:
             atomic_write_json(args.out, {**results, "table": table(results)})
     if args.layer_sweep:
