@@ -24,7 +24,10 @@ every merged variant are also timed forward-only (merged inference should cost w
 un-adapted model (all presets start as the identity) and our DoRA-family layer against a materialised
 float64 reference. Reported: median wall step time over ``--steps`` steps after ``--warmup`` (with min and
 max), GPU-busy time per step (sum of CUDA kernel time from torch.profiler), peak allocated memory, and each
-as a ratio to our LoRA. Benchmarks, not tests: nothing here asserts a time.
+as a ratio to our LoRA. With ``--rounds R`` every variant's model stays alive and, after the run, all of them
+are timed again in R interleaved rounds (``interleaved_rounds``): a GPU's clock drifts over a long run, and
+those ratios compare variants measured under the same conditions. Benchmarks, not tests: nothing here
+asserts a time.
 """
 
 from __future__ import annotations
@@ -501,7 +504,9 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
         reference = work["out"](work["model"]).float()
     rows = {}
     kept: dict[str, Callable[[], None]] = {}
+    floor = torch.cuda.memory_allocated() if device == "cuda" else 0
     for variant in variants:
+        held = (torch.cuda.memory_allocated() - floor) / 2**20 if device == "cuda" else 0.0  # kept variants'
         model = build_variant(work, variant, device)
         with execution_for(variant):
             row: dict[str, Any] = {"identity_rel_err": check_identity(work, model, reference, device)}
@@ -509,13 +514,17 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
                 row["layer_vs_float64_rel_err"] = check_layer_against_reference(model)
             keep: dict[str, Any] = {}
             row.update(time_variant(work, model, device, steps, warmup, keep=keep))
+            if held and row.get("peak_mem_mib") is not None:  # the models kept for the rounds do not count
+                row["peak_mem_mib"] -= held
+                row["mem_before_first_step_mib"] -= held
+                row["mem_kept_by_earlier_variants_mib"] = held
             if inference and variant == "base":
                 row["infer_ms"] = time_inference(work, model, device, INFER_STEPS, warmup)
             elif inference and split_variant(variant) == (split_variant(variant)[0], "fused") and \
                     split_variant(variant)[0] in doran.PRESETS:
                 doran.merge(model)
                 row["merged_infer_ms"] = time_inference(work, model, device, INFER_STEPS, warmup)
-                keep.clear()  # merged: no longer the model that was timed
+                doran.unmerge(model)  # W0 restored bit for bit: the model the rounds time again
             if rounds and "step" in keep:  # the model stays alive for the interleaved rounds
                 kept[variant] = keep["step"]
         rows[variant] = row
@@ -556,6 +565,11 @@ def run_workload(name: str, variants: list[str], device: str, steps: int, warmup
             for key in ("step_ms_median", "gpu_busy_ms", "peak_mem_mib"):
                 if row.get(key) is not None and peft_dora.get(key):
                     row[f"{key}_vs_peft_dora"] = row[key] / peft_dora[key]
+            inter, inter_peft = row.get("interleaved"), peft_dora.get("interleaved")
+            if inter and inter_peft:
+                for key in ("step_ms_median", "gpu_busy_ms"):
+                    if inter.get(key) is not None and inter_peft.get(key):
+                        inter[f"{key}_vs_peft_dora"] = inter[key] / inter_peft[key]
         base = rows.get("base")
         if base and base.get("infer_ms") and row.get("merged_infer_ms"):
             row["merged_infer_vs_base"] = row["merged_infer_ms"] / base["infer_ms"]
@@ -631,13 +645,13 @@ def table(results: dict[str, Any]) -> str:
              if r.get("interleaved")]
     if inter:
         lines += ["", "Interleaved rounds (every variant timed in turn; benchmarks/step_time.py interleaved_rounds):", "",
-                  "| workload | variant | step ms (median) | min-max | x LoRA | GPU-busy ms (mean) | min-max | x LoRA |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| workload | variant | step ms (median) | min-max | x LoRA | x PEFT DoRA | GPU-busy ms (mean) | min-max | "
+                  "x LoRA |", "|---|---|---|---|---|---|---|---|---|"]
         for w, v, r in inter:
             def g(key, spec=".2f", r=r):
                 return "-" if r.get(key) is None else format(r[key], spec)
             lines.append(f"| {w} | {v} | {g('step_ms_median')} | {g('step_ms_min')}-{g('step_ms_max')} | "
-                         f"{g('step_ms_median_vs_lora', '.3f')} | {g('gpu_busy_ms')} | "
+                         f"{g('step_ms_median_vs_lora', '.3f')} | {g('step_ms_median_vs_peft_dora', '.3f')} | {g('gpu_busy_ms')} | "
                          f"{g('gpu_busy_ms_min') + '-' + g('gpu_busy_ms_max') if 'gpu_busy_ms_min' in r else '-'} | "
                          f"{g('gpu_busy_ms_vs_lora', '.3f')} |")
     if results.get("layer_sweep"):
