@@ -179,6 +179,24 @@ def _spans(group) -> list[tuple[nn.Module, int, int]] | None:
     return spans
 
 
+def _full_layout(group, spans) -> tuple[int, tuple[int, int, int, int]] | None:
+    """(rows, even layout) when every layer of a group has the same number of rows and its slices at the same
+    evenly spaced rows (``fused._even``) but not all of them (a qkv's q and v): then the bank hands each layer g
+    over all its rows; None otherwise (one slice over all rows needs no such vector)."""
+    if spans is None:
+        return None
+    layers = [layer for layer, _, _ in spans]
+    ranges = {tuple((ad.start, ad.stop) for lay, ad in group if lay is layer) for layer in layers}
+    rows = {layer.out_features for layer in layers}
+    if len(ranges) != 1 or len(rows) != 1:
+        return None
+    (ranges,), (out_f,) = ranges, rows
+    even = fused._even(ranges)
+    if even is None or ranges == ((0, out_f),):
+        return None
+    return out_f, even
+
+
 def _layout(group) -> tuple[list[nn.Module], tuple[tuple[int, int], ...]]:
     """The distinct base layers of a group's slices and, per slice, (index of its layer, first row): the
     norm's products with W0 then run once per base weight (the q and v of a qkv together)."""
@@ -193,6 +211,22 @@ def _layout(group) -> tuple[list[nn.Module], tuple[tuple[int, int], ...]]:
     return weights, tuple(layout)
 
 
+class _GradTimesG(torch.autograd.Function):
+    """The identity on g (S, d) whose consumers hand back ``g * dL/dg`` instead of dL/dg (the eager fused
+    layers taking the bank's per-layer views, ``raw_dg``): the backward divides once for the whole group,
+    0 where g = 0 (there the layer's output does not depend on z, fused.py's module docstring)."""
+
+    @staticmethod
+    def forward(ctx, g):
+        ctx.save_for_backward(g)
+        return g.view_as(g)
+
+    @staticmethod
+    def backward(ctx, raw):
+        (g,) = ctx.saved_tensors
+        return raw.div(g).masked_fill_(g == 0, 0.0)
+
+
 class AdapterBank:
     """Groups of slices of one model computed together; see the module docstring."""
 
@@ -203,6 +237,7 @@ class AdapterBank:
         self._layouts = [_layout(group) for group in self.groups]
         self._packed = [packing.group_roles([ad for _, ad in group], model) for group in self.groups]
         self._spans = [_spans(group) for group in self.groups]
+        self._full_layout = [_full_layout(group, spans) for group, spans in zip(self.groups, self._spans)]
         self.slices = [ad for _, ad in entries]
         self.layers = list({id(layer): layer for layer, _ in entries}.values())
         self.active = False  # inside the model's forward
@@ -262,15 +297,31 @@ class AdapterBank:
         """Eager, per layer of a group whose layers' slices are consecutive in it: the tensors its fused node
         takes, as views of the group's (no cat, stack or cast per layer): A of all its slices (k r, in) in the
         compute dtype (one cast for the group), B stacked (k, d, r), g concatenated (k d,); keyed by the id
-        of the layer's first slice. Their gradients come back as one cat per tensor for the group."""
+        of the layer's first slice. Their gradients come back as one cat per tensor for the group. g reaches
+        the layers through ``_GradTimesG``: each layer hands back g * dL/dg, which it has without dividing,
+        and the group divides once (three ops for all layers instead of three per layer)."""
         spans = self._spans[i]
         dev = A.device.type
         cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else spans[0][0].weight.dtype
         sizes = [k for _, _, k in spans]
         A_cd = torch.empty(A.shape, dtype=cd, device=A.device).copy_(A)  # (S, r, in), row-major: views below
-        parts = zip(spans, A_cd.split(sizes), B.split(sizes), g.split(sizes) if g is not None else [None] * len(sizes))
-        return {first: (a.view(-1, a.shape[-1]), b, None if gg is None else gg.view(-1), cd)
-                for (_, first, _), a, b, gg in parts}
+        n = len(sizes)
+        fulls, scaled = [None] * n, [None] * n
+        if g is not None:
+            with torch.no_grad():  # constants of the layers' closed-form backward (no autograd through them)
+                scaled = (g.detach() * self.groups[i][0][1].s).split(sizes)  # s g: dB = s g (dy^T h), one op
+                layout = self._full_layout[i]
+                if layout is not None:  # g over all rows of each layer, 1 outside its slices: g W0 or g dy in one op
+                    out_f, even = layout
+                    full = g.new_ones(n, out_f)
+                    fused._cols(full, even).copy_(g.detach().view(n, even[1], even[2]))
+                    fulls = full.unbind(0)
+            g = _GradTimesG.apply(g)
+        parts = zip(spans, A_cd.split(sizes), B.split(sizes), g.split(sizes) if g is not None else [None] * n,
+                    fulls, scaled)
+        return {first: (a.view(-1, a.shape[-1]), b, None if gg is None else gg.view(-1), cd, full,
+                        None if gs is None else gs.view(-1))
+                for (_, first, _), a, b, gg, full, gs in parts}
 
     def refresh(self) -> None:
         self.active, self.grad_enabled = True, torch.is_grad_enabled()

@@ -185,8 +185,32 @@ def _w0_products(Ws, members, d: int, X: torch.Tensor, left: bool) -> torch.Tens
     c3 = X3.shape[2]
     kw = {"out_dtype": torch.float32} if split else {}
     parts: list[Any] = [None] * X.shape[0]
-    for W, on in zip(Ws, members):
-        if left:  # W [X_1 | X_2]: (rows, k c3); slice i's block: its rows, its columns
+    # eager, several slices per weight laid out alike (a qkv's q and v): every weight's operand of the GEMM
+    # built by one copy for all weights instead of a cat (and pads) per weight; traced, the compiler fuses them
+    same = None if torch.compiler.is_compiling() or not direct or any(W.shape != Ws[0].shape for W in Ws) \
+        else _alike(members, Ws[0].shape[0], d)
+    if same is not None:
+        k, even = same
+        n_w = len(Ws)
+        if left:  # (n_w, in, k c3): weight w's [X_1 | X_2]
+            Xs = X3.reshape(n_w, k, *X3.shape[1:]).permute(0, 2, 1, 3).reshape(n_w, X3.shape[1], k * c3)
+        else:  # (n_w, k c3, rows): weight w's [X_1^T | 0 | X_2^T] rows, zeros elsewhere
+            rows = Ws[0].shape[0]
+            Xs = X3.new_zeros(n_w, k, c3, rows)
+            start, _, _, step = even
+            Xs[..., start:].as_strided((n_w, k, c3, d), (k * c3 * rows, c3 * rows + step, rows, 1)).copy_(
+                X3.reshape(n_w, k, d, c3).transpose(2, 3))
+            Xs = Xs.view(n_w, k * c3, rows)
+    for w, (W, on) in enumerate(zip(Ws, members)):
+        if same is not None and left:
+            P = torch.mm(W, Xs[w], **kw)
+            for j, (i, row) in enumerate(on):
+                parts[i] = P[row : row + d, j * c3 : (j + 1) * c3]
+        elif same is not None:
+            C = torch.mm(Xs[w], W, **kw)
+            for j, (i, _) in enumerate(on):
+                parts[i] = C[j * c3 : (j + 1) * c3]
+        elif left:  # W [X_1 | X_2]: (rows, k c3); slice i's block: its rows, its columns
             Xk = X3[on[0][0]] if len(on) == 1 else torch.cat([X3[i] for i, _ in on], dim=1)
             P = torch.mm(W, Xk, **kw) if direct else weight_times(W, Xk)
             for j, (i, row) in enumerate(on):
@@ -205,6 +229,23 @@ def _w0_products(Ws, members, d: int, X: torch.Tensor, left: bool) -> torch.Tens
     if left:
         return P[..., :c] + P[..., c : 2 * c] + P[..., 2 * c :]
     return P[:, :c] + P[:, c : 2 * c] + P[:, 2 * c :]
+
+
+@lru_cache(maxsize=256)
+def _alike(members, rows: int, d: int) -> tuple[int, tuple[int, int, int, int]] | None:
+    """(k, even layout) when every weight has k >= 2 slices, numbered consecutively weight after weight, at the
+    same evenly spaced rows (``_even``); else None (one slice per weight needs no gathering)."""
+    k = len(members[0])
+    if k < 2:
+        return None
+    first = [row for _, row in members[0]]
+    for w, on in enumerate(members):
+        if [i for i, _ in on] != list(range(w * k, (w + 1) * k)) or [row for _, row in on] != first:
+            return None
+    even = _even(tuple((row, row + d) for row in first))
+    if even is None or first[-1] + d > rows:
+        return None
+    return k, even
 
 
 # ------------------------------------------------------------------------------ g = m / (||V||_row + tau)
@@ -357,7 +398,10 @@ class _FusedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, h, B, gcat, ranges, s: float, mode: str):
+    def forward(ctx, x, W, b, h, B, gcat, ranges, s: float, mode: str, raw_dg: bool = False, aux=None):
+        ctx.raw_dg = raw_dg  # hand back g * dL/dg for gcat (the bank divides, doran/bank.py's _GradTimesG)
+        g_full, ctx.gs = aux if aux is not None else (None, None)  # eager constants from the bank (detached)
+        ctx.g_full = g_full
         if torch.compiler.is_compiling():
             return _FusedLinear._traced_forward(ctx, x, W, b, h, B, gcat, ranges, s, mode)
         cd = x.dtype
@@ -366,7 +410,9 @@ class _FusedLinear(torch.autograd.Function):
         whole = ranges == ((0, out_f),)
         with _no_autocast(x.device.type):
             if gcat is not None and mode == "weight":  # W' = g W0, B' = s g B: one GEMM each, saved as they are
-                if B.ndim == 2:
+                if B.ndim == 2 and whole and ctx.gs is not None:
+                    Bx = torch.mul(B, ctx.gs[:, None], out=torch.empty(B.shape, dtype=cd, device=B.device))
+                elif B.ndim == 2:
                     Bx = torch.mul(B * s, gcat[:, None] if whole else _g_full(gcat, ranges, out_f, B.dtype)[:, None],
                                    out=torch.empty(B.shape, dtype=cd, device=B.device))
                 elif even is not None:
@@ -377,6 +423,8 @@ class _FusedLinear(torch.autograd.Function):
                                    _g_full(gcat, ranges, out_f, B.dtype)[:, None]).to(cd)
                 if whole:
                     Wx = torch.mul(W, gcat[:, None], out=torch.empty_like(W))
+                elif g_full is not None:
+                    Wx = torch.mul(W, g_full[:, None], out=torch.empty_like(W))
                 elif even is not None:
                     Wx = W.clone()
                     torch.mul(_rows(W, even), gcat.view(even[1], even[2], 1), out=_rows(Wx, even))
@@ -461,6 +509,8 @@ class _FusedLinear(torch.autograd.Function):
                     dz = dy
                 elif ranges == ((0, out_f),):
                     dz = torch.mul(dy, g, out=torch.empty_like(dy))
+                elif ctx.g_full is not None:
+                    dz = torch.mul(dy, ctx.g_full, out=torch.empty_like(dy))
                 elif even is not None:
                     dz = dy.clone()
                     _cols(dz, even).mul_(g.view(even[1], even[2]))
@@ -475,7 +525,8 @@ class _FusedLinear(torch.autograd.Function):
             from_dz = traced and g is not None and ctx.mode != "weight"
             if need_B:
                 dBig = (dz if from_dz else dy).t() @ h  # (out, R)
-                dB = _dB(dBig, None if from_dz else gcat, ranges, even, s, ctx.B_ndim, ctx.B_dtype, out_f)
+                dB = _dB(dBig, None if from_dz else gcat, ranges, even, s, ctx.B_ndim, ctx.B_dtype, out_f,
+                         None if from_dz else ctx.gs)
             if need_b and ctx.has_bias:
                 db = dy.sum(0)
             if need_g and gcat is not None:
@@ -495,7 +546,7 @@ class _FusedLinear(torch.autograd.Function):
                     raw = (dyv * _cols(out, even)).sum(0, dtype=acc)
                     if b is not None:  # z = (out - b) / g
                         raw = torch.addcmul(raw, _cols(b, even), dyv.sum(0, dtype=acc), value=-1)
-                    dg = raw.reshape(-1).div_(gcat).masked_fill_(gcat == 0, 0.0)
+                    dg = raw.reshape(-1) if ctx.raw_dg else raw.reshape(-1).div_(gcat).masked_fill_(gcat == 0, 0.0)
                 else:
                     parts = []
                     for start, stop in ranges:
@@ -505,8 +556,9 @@ class _FusedLinear(torch.autograd.Function):
                             raw = raw - b[start:stop].to(acc) * dyk.sum(0, dtype=acc)
                         parts.append(raw)
                     raw = torch.cat(parts) if len(parts) > 1 else parts[0]
-                    dg = torch.where(gcat != 0, raw / gcat, 0.0)  # g = 0: z is not in the output (module doc)
-        return dx, None, db, dh, dB, dg, None, None, None
+                    # g = 0: z is not in the output (module doc)
+                    dg = raw if ctx.raw_dg else torch.where(gcat != 0, raw / gcat, 0.0)
+        return dx, None, db, dh, dB, dg, None, None, None, None, None
 
 
 def _keep(ctx, traced: bool, s: float, mode: str, ranges, B: torch.Tensor, saved: tuple) -> None:
@@ -532,11 +584,14 @@ def _rows(W: torch.Tensor, even: tuple[int, int, int, int]) -> torch.Tensor:
     return W[start:].as_strided((k, d, W.shape[1]), (step * W.stride(0), W.stride(0), W.stride(1)))
 
 
-def _dB(dBig, gcat, ranges, even, s: float, B_ndim: int, B_dtype, out_f: int) -> torch.Tensor:
-    """The gradient of B (B_big (out, R) or the stack (k, d, r)) from that of B_big, times s (and g)."""
+def _dB(dBig, gcat, ranges, even, s: float, B_ndim: int, B_dtype, out_f: int, gs=None) -> torch.Tensor:
+    """The gradient of B (B_big (out, R) or the stack (k, d, r)) from that of B_big, times s (and g); ``gs``:
+    s g (the slices' rows) when the bank hands it over, one multiply instead of two."""
     if B_ndim == 2:
         if gcat is None:
             return torch.mul(dBig, s, out=torch.empty(dBig.shape, dtype=B_dtype, device=dBig.device))
+        if gs is not None and ranges == ((0, out_f),):
+            return torch.mul(dBig, gs[:, None]).to(B_dtype)
         g = gcat if ranges == ((0, out_f),) else _g_full(gcat, ranges, out_f, gcat.dtype)
         return torch.mul(dBig, g[:, None]).to(B_dtype).mul_(s)
     if even is not None:  # the diagonal blocks, each row times s g
@@ -546,6 +601,8 @@ def _dB(dBig, gcat, ranges, even, s: float, B_ndim: int, B_dtype, out_f: int) ->
         blocks = torch.stack([dBig[a:z, j * r : (j + 1) * r] for j, (a, z) in enumerate(ranges)])
     if gcat is None:
         return torch.mul(blocks, s, out=torch.empty(blocks.shape, dtype=B_dtype, device=dBig.device))
+    if gs is not None:
+        return torch.mul(blocks, gs.view(blocks.shape[0], -1, 1)).to(B_dtype)
     return torch.mul(blocks, gcat.view(blocks.shape[0], -1, 1)).to(B_dtype).mul_(s)
 
 
@@ -587,12 +644,14 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     whole = banked[0] is not None and len(banked[0]) > 3 and banked[0][3] is not None
     if whole and not dropping and banked[0][3][3] == cd and all(bk is not None for bk in banked):
         # the bank's views of this layer's tensors: A (k r, in) already in the compute dtype, B (k, d, r), g
-        A_cd, B_k, gcat, _ = banked[0][3]
+        A_cd, B_k, gcat, _, g_full, gs = banked[0][3]
         h = F.linear(xc, A_cd)
         ranges = tuple((ad.start, ad.stop) for ad in ads)
         B_in = B_k[0] if ranges == ((0, out_f),) else B_k
         mode = "none" if gcat is None else _scale_mode(x2.shape[0], in_f)
-        out = _FusedLinear.apply(xc, W, b, h, B_in, gcat, ranges, float(ads[0].s), mode)
+        # raw_dg: g comes through the bank's _GradTimesG, which divides g * dL/dg by g for all layers at once
+        # (g_full, s g): g over all of the layer's rows and g times s, detached, from the bank (or None)
+        out = _FusedLinear.apply(xc, W, b, h, B_in, gcat, ranges, float(ads[0].s), mode, True, (g_full, gs))
         return out.reshape(*lead, out_f)
     factors = [ad.factors() if bk is None else bk[:2] for ad, bk in zip(ads, banked)]
     A_cat = torch.cat([A.reshape(-1, in_f) for A, _ in factors]) if len(ads) > 1 else factors[0][0].reshape(-1, in_f)
@@ -616,5 +675,5 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
               for ad, (A, B), bk in zip(ads, factors, banked)]
         gcat = torch.cat(gs) if len(gs) > 1 else gs[0]
         mode = _scale_mode(x2.shape[0], in_f)
-    out = _FusedLinear.apply(xc, W, b, h, B_in, gcat, ranges, float(ads[0].s), mode)
+    out = _FusedLinear.apply(xc, W, b, h, B_in, gcat, ranges, float(ads[0].s), mode, False)
     return out.reshape(*lead, out_f)

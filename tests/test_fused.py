@@ -220,9 +220,13 @@ def test_row_scale_matches_the_materialised_norm():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("B_form, ranges", [("big", ((0, 3), (6, 9))), ("stacked", ((0, 3), (6, 9))),
                                             ("stacked", ((0, 3), (4, 7))), ("stacked", ((2, 5),))])
-def test_fused_linear_gradcheck(mode, bias, B_form, ranges):
+@pytest.mark.parametrize("raw_dg", [False, True])
+def test_fused_linear_gradcheck(mode, bias, B_form, ranges, raw_dg):
     """Both forms of B: B_big (out, R), and the slices' B stacked (k, d, r), evenly spaced (strided views in
-    the backward) or not (per-slice ops)."""
+    the backward) or not (per-slice ops); with ``raw_dg`` the layer hands back g * dL/dg and g comes through
+    the bank's ``_GradTimesG``, which divides (the eager per-layer path): the same gradients."""
+    from doran.bank import _GradTimesG
+
     torch.manual_seed(0)
     N, n, out, r = 5, 4, 9, 2
     k, d = len(ranges), ranges[0][1] - ranges[0][0]
@@ -237,8 +241,10 @@ def test_fused_linear_gradcheck(mode, bias, B_form, ranges):
 
     def f(x, h, B, *rest):
         gg = rest[0] if g is not None else None
+        if raw_dg and gg is not None:
+            gg = _GradTimesG.apply(gg)
         bb = rest[-1] if b is not None else None
-        return fused._FusedLinear.apply(x, W, bb, h, B, gg, ranges, 0.8, mode)
+        return fused._FusedLinear.apply(x, W, bb, h, B, gg, ranges, 0.8, mode, raw_dg)
 
     assert torch.autograd.gradcheck(f, tuple(inputs))
 
@@ -265,11 +271,15 @@ def test_zero_magnitude_row_gets_zero_magnitude_gradient():
     W = torch.randn(2, 3, dtype=torch.float64)
     h = torch.randn(4, 1, dtype=torch.float64)
     B = torch.randn(2, 1, dtype=torch.float64)
-    g = torch.tensor([0.0, 1.5], dtype=torch.float64, requires_grad=True)
-    out = fused._FusedLinear.apply(x, W, None, h, B, g, ((0, 2),), 1.0, "output")
-    out.sum().backward()
     z = x @ W.t() + h @ B.t()
-    torch.testing.assert_close(g.grad, torch.tensor([0.0, z[:, 1].sum().item()], dtype=torch.float64))
+    from doran.bank import _GradTimesG
+
+    for raw_dg in (False, True):  # the layer dividing, or the bank's _GradTimesG
+        g = torch.tensor([0.0, 1.5], dtype=torch.float64, requires_grad=True)
+        out = fused._FusedLinear.apply(x, W, None, h, B, _GradTimesG.apply(g) if raw_dg else g, ((0, 2),), 1.0,
+                                       "output", raw_dg)
+        out.sum().backward()
+        torch.testing.assert_close(g.grad, torch.tensor([0.0, z[:, 1].sum().item()], dtype=torch.float64))
 
 
 def test_weight_products_in_blocks_equal_the_plain_product():
