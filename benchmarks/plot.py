@@ -5,8 +5,9 @@
 ``bench_step_time``: per workload (ViT-B/16, LLaMA-shaped), wall step time and GPU-busy time of every
 variant, eager and compiled (``doran.compile_model`` with CUDA graphs, the Lightning modules' default on a
 GPU), as ratios to our LoRA in the same run and the same execution mode, from
-``gpu-h200-{vit,llama}-3a9c133.json`` (one run per workload; ``--models`` takes other files, and where a workload
-comes from several, a later file's compiled rows replace earlier ones). ``bench_layer_sweep``: the
+``gpu-h200-{vit,llama}-bb2b553.json`` (one run per workload; ``--models`` takes other files, and where a workload
+comes from several, a later file's compiled rows replace earlier ones). Where a run has interleaved rounds
+(``step_time.py --rounds``), those are drawn: every variant timed in turn, the GPU's clock drift shared. ``bench_layer_sweep``: the
 single-layer sweep, DoRAN's GPU-busy time over LoRA's against tokens per step, with g applied to the weight
 and to the output.
 """
@@ -48,8 +49,11 @@ def plot_step_time(results: dict, out: Path) -> None:
     """``results``: {"workloads": {name: rows}, "device": ...} (the workloads may come from several files)."""
     workloads = [w for w in ("vit", "llama") if w in results["workloads"]]
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.2 * len(workloads), 4.2), squeeze=False)
+    rounds = False
     for ax, w in zip(axes[0], workloads):
-        rows = results["workloads"][w]
+        # the interleaved rounds where the run has them (step_time.py --rounds: every variant timed in turn)
+        rows = {v: r.get("interleaved") or r for v, r in results["workloads"][w].items()}
+        rounds = rounds or any("rounds" in r for r in rows.values())
         names = [v for v in LABELS if v in rows]
         y = range(len(names))
         wall = [rows[v]["step_ms_median_vs_lora"] for v in names]
@@ -74,12 +78,14 @@ def plot_step_time(results: dict, out: Path) -> None:
         ax.set_xlim(0, max([w + e for w, e in zip(wall, spread[1])] + busy) * 1.2)
     from matplotlib.patches import Patch
 
-    fig.legend(handles=[Patch(color="#4c72b0", label="wall step time (median; whiskers: min-max of the timed steps)"),
+    timed = "of all rounds' timed steps" if rounds else "of the timed steps"
+    fig.legend(handles=[Patch(color="#4c72b0", label=f"wall step time (median; whiskers: min-max {timed})"),
                         Patch(color="#dd8452", label="GPU-busy time")], loc="lower center", ncol=2, fontsize=8,
                bbox_to_anchor=(0.5, -0.1))
     fig.subplots_adjust(wspace=0.75)
+    how = "variants timed in interleaved rounds, " if rounds else ""
     fig.suptitle("Adapter-only training step, bf16 autocast; hatched: compiled + CUDA graphs (ratios to "
-                 f"LoRA of the same run and mode); {results['device'].get('cuda_device', '')}", fontsize=11)
+                 f"LoRA of the same run and mode; {how}{results['device'].get('cuda_device', '')})", fontsize=11)
     _save(fig, out)
 
 
@@ -113,7 +119,7 @@ def plot_layer_sweep(results: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=[str(ROOT / f"benchmarks/results/gpu-h200-{f}-3a9c133.json")
+    parser.add_argument("--models", nargs="+", default=[str(ROOT / f"benchmarks/results/gpu-h200-{f}-bb2b553.json")
                                                          for f in ("vit", "llama")])
     parser.add_argument("--layers", default=str(ROOT / "benchmarks/results/gpu-h100-layer-sweep.json"))
     parser.add_argument("--out", default=str(ROOT / "figures"))
