@@ -629,14 +629,17 @@ def layer_sweep(device: str, widths: list[int], ranks: list[int], tokens: list[i
     return rows
 
 
+def _cell(r: dict[str, Any], key: str, spec: str = ".2f") -> str:
+    return "-" if r.get(key) is None else format(r[key], spec)
+
+
 def table(results: dict[str, Any]) -> str:
     lines = ["| workload | variant | step ms (median) | min-max | x LoRA | x PEFT DoRA | GPU-busy ms | x LoRA | "
              "kernels/step | peak MiB | x LoRA | merged inference x base |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for workload, rows in results["workloads"].items():
         for variant, r in rows.items():
-            def f(key, spec=".2f", r=r):
-                return "-" if r.get(key) is None else format(r[key], spec)
+            f = lambda key, spec=".2f", r=r: _cell(r, key, spec)
             lines.append(f"| {workload} | {variant} | {f('step_ms_median')} | {f('step_ms_min')}-{f('step_ms_max')} | "
                          f"{f('step_ms_median_vs_lora')} | {f('step_ms_median_vs_peft_dora')} | {f('gpu_busy_ms')} | "
                          f"{f('gpu_busy_ms_vs_lora')} | {f('kernels_per_step', '.0f')} | {f('peak_mem_mib', '.0f')} | "
@@ -648,12 +651,10 @@ def table(results: dict[str, Any]) -> str:
                   "| workload | variant | step ms (median) | min-max | x LoRA | x PEFT DoRA | GPU-busy ms (mean) | min-max | "
                   "x LoRA |", "|---|---|---|---|---|---|---|---|---|"]
         for w, v, r in inter:
-            def g(key, spec=".2f", r=r):
-                return "-" if r.get(key) is None else format(r[key], spec)
-            lines.append(f"| {w} | {v} | {g('step_ms_median')} | {g('step_ms_min')}-{g('step_ms_max')} | "
-                         f"{g('step_ms_median_vs_lora', '.3f')} | {g('step_ms_median_vs_peft_dora', '.3f')} | {g('gpu_busy_ms')} | "
-                         f"{g('gpu_busy_ms_min') + '-' + g('gpu_busy_ms_max') if 'gpu_busy_ms_min' in r else '-'} | "
-                         f"{g('gpu_busy_ms_vs_lora', '.3f')} |")
+            busy_range = f"{_cell(r, 'gpu_busy_ms_min')}-{_cell(r, 'gpu_busy_ms_max')}" if "gpu_busy_ms_min" in r else "-"
+            lines.append(f"| {w} | {v} | {_cell(r, 'step_ms_median')} | {_cell(r, 'step_ms_min')}-{_cell(r, 'step_ms_max')} | "
+                         f"{_cell(r, 'step_ms_median_vs_lora', '.3f')} | {_cell(r, 'step_ms_median_vs_peft_dora', '.3f')} | "
+                         f"{_cell(r, 'gpu_busy_ms')} | {busy_range} | {_cell(r, 'gpu_busy_ms_vs_lora', '.3f')} |")
     if results.get("layer_sweep"):
         lines += ["", "| width | rank | tokens | " + " | ".join(f"{v} GPU ms" for v in LAYER_VARIANTS) + " |",
                   "|---|---|---|" + "---|" * len(LAYER_VARIANTS)]
