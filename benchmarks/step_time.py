@@ -693,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
                              "see interleaved_rounds) and report those ratios too")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     args = parser.parse_args(argv)
+    if args.rounds < 0:
+        parser.error(f"--rounds must be 0 (no interleaved rounds) or more, got {args.rounds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.workload is None:

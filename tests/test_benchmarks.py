@@ -30,3 +30,9 @@ def test_interleaved_rounds_time_every_variant_again_and_form_their_own_ratios(t
     # merged for its inference timing, then unmerged: still the adapted model in the rounds
     assert rows["doran"]["merged_infer_ms"] > 0 and rows["base"]["infer_ms"] > 0
     assert "Interleaved rounds" in results["table"] and "| host | doran |" in results["table"]
+
+
+def test_a_negative_number_of_rounds_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        main(["--workload", "host", "--rounds", "-1"])
+    assert "--rounds must be 0" in capsys.readouterr().err
