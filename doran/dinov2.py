@@ -649,7 +649,7 @@ def linear_probe(
     val: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
-    grid: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1),
+    grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0, 10.0),
 ) -> dict[str, Any]:
     """Standardise features (train statistics), pick the L2 penalty on val, refit on train+val, score test."""
     mean, std = train[0].mean(0), train[0].std(0).clamp_min(1e-6)
