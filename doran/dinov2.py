@@ -280,7 +280,9 @@ def backbone_from_onnx(graph_model: Any) -> tuple[nn.Module, dict[str, Any]]:
 
 def final_layernorm_output(graph_model: Any) -> str:
     """Name of the backbone's final LayerNorm output: the ``Add`` that adds ``backbone.layernorm.bias``."""
-    adds = [n for n in graph_model.graph.node if n.op_type == "Add" and f"{ONNX_PREFIX}layernorm.bias" in n.input]
+    adds = [
+        n for n in graph_model.graph.node if n.op_type == "Add" and f"{ONNX_PREFIX}layernorm.bias" in n.input
+    ]
     if len(adds) != 1:
         raise ConversionError(f"expected one Add consuming {ONNX_PREFIX}layernorm.bias, found {len(adds)}")
     return adds[0].output[0]
@@ -304,7 +306,9 @@ def onnx_backbone_session(graph_model: Any, threads: int = 2) -> tuple[Any, str,
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    session = ort.InferenceSession(graph_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        graph_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return session, inp.name, out
 
 
@@ -320,7 +324,11 @@ def _torch_hidden(model: nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def verify_against_onnx(
-    model: nn.Module, graph_model: Any, *, sizes: Sequence[int] = VERIFY_SIZES, tolerance: float = ONNX_TOLERANCE
+    model: nn.Module,
+    graph_model: Any,
+    *,
+    sizes: Sequence[int] = VERIFY_SIZES,
+    tolerance: float = ONNX_TOLERANCE,
 ) -> list[dict[str, Any]]:
     """Compare ``model``'s ``last_hidden_state`` with the graph's final LayerNorm output; raise above tolerance.
 
@@ -374,7 +382,9 @@ def load_backbone(path: str | Path | None = None, *, dtype: torch.dtype = torch.
     return model.eval()
 
 
-def verify_half_copy(folder: Path, model32: nn.Module, *, tolerance: float = FP16_TOLERANCE) -> dict[str, Any]:
+def verify_half_copy(
+    folder: Path, model32: nn.Module, *, tolerance: float = FP16_TOLERANCE
+) -> dict[str, Any]:
     """Reload the float16 copy in ``folder`` (as float32) and compare weights and outputs with ``model32``."""
     from safetensors import safe_open
 
@@ -528,7 +538,8 @@ def model_path(*, convert_if_missing: bool = False) -> Path:
     digest = sha256_file(path / "model.safetensors")
     if digest != expected:
         raise _missing(
-            path, f"model.safetensors has sha256 {digest[:16]}..., not the {expected[:16]}... recorded at conversion"
+            path,
+            f"model.safetensors has sha256 {digest[:16]}..., not the {expected[:16]}... recorded at conversion",
         )
     return path
 
@@ -692,7 +703,9 @@ def probe(
             test = test.take(imagesuite.stratified_take(test.labels, test_per_task, seed=0, purpose=9))
         parts = {"train": splits.train, "val": splits.val, "test": test}
         loaders = {
-            k: DataLoader(imagesuite.ArrayImageDataset(s, image_size, IMAGE_MEAN, IMAGE_STD), batch_size=batch_size)
+            k: DataLoader(
+                imagesuite.ArrayImageDataset(s, image_size, IMAGE_MEAN, IMAGE_STD), batch_size=batch_size
+            )
             for k, s in parts.items()
         }
         entry: dict[str, Any] = {"sizes": {k: len(s) for k, s in parts.items()},

@@ -293,7 +293,9 @@ def _parse_elpv_labels(text: str, where: str) -> tuple[list[str], np.ndarray, np
             continue
         parts = line.split()
         if len(parts) != 3:
-            raise DataError(f"{where}:{line_no}: expected `images/cellNNNN.png probability type`, got {line!r}")
+            raise DataError(
+                f"{where}:{line_no}: expected `images/cellNNNN.png probability type`, got {line!r}"
+            )
         path, prob, kind = parts
         try:
             p = float(prob)
@@ -325,7 +327,10 @@ def _read_elpv_archive(size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     paths, levels, types = _parse_elpv_labels(text, where)
     if len(paths) != ds.count:
         raise DataError(f"{where}: expected {ds.count} cells, found {len(paths)}")
-    if tuple(class_counts(levels, 4)) != ELPV_LEVEL_COUNTS or tuple(class_counts(types, 2)) != ELPV_TYPE_COUNTS:
+    if (
+        tuple(class_counts(levels, 4)) != ELPV_LEVEL_COUNTS
+        or tuple(class_counts(types, 2)) != ELPV_TYPE_COUNTS
+    ):
         raise DataError(
             f"{where}: defect-level counts {class_counts(levels, 4)} / type counts {class_counts(types, 2)} are "
             f"not the pinned archive's {list(ELPV_LEVEL_COUNTS)} / {list(ELPV_TYPE_COUNTS)}"
@@ -476,7 +481,11 @@ def export_tasks(out_dir: str | Path, tasks: Sequence[str] | None = None) -> dic
             "pixel_mean": round(float(images.mean()), 3),
             "pixel_std": round(float(images.std()), 3),
             "raw_bytes": int(images.nbytes),
-            "source": {"package": archive.spec, "archive_sha256": archive.sha256, "members": list(ds.members)},
+            "source": {
+                "package": archive.spec,
+                "archive_sha256": archive.sha256,
+                "members": list(ds.members),
+            },
             "licence": ds.licence,
         }
         for name in names:
@@ -523,7 +532,10 @@ def _read_export(folder: Path, dataset: str) -> tuple[np.ndarray, dict[str, np.n
     with np.load(file) as z:
         images = decode_png(z["png"], z["offsets"]) if entry["encoding"] == "png" else z["images"]
         annotations = {k: z[k] for k in z.files if k not in ("png", "offsets", "images")}
-    if images.shape != (entry["count"], entry["stored_size"], entry["stored_size"]) or images.dtype != np.uint8:
+    if (
+        images.shape != (entry["count"], entry["stored_size"], entry["stored_size"])
+        or images.dtype != np.uint8
+    ):
         raise DataError(f"{file}: images {images.shape} {images.dtype} are not the manifest's; {fix}")
     return images, annotations, manifest
 
@@ -570,7 +582,9 @@ def load_task(name: str, image_size: int | None = None) -> tuple[Splits, dict[st
     if manifest is not None:
         expected = manifest["tasks"].get(name)
         if expected is None:
-            raise DataError(f"${ENV_DIR}: the export has no task {name!r} (tasks: {sorted(manifest['tasks'])})")
+            raise DataError(
+                f"${ENV_DIR}: the export has no task {name!r} (tasks: {sorted(manifest['tasks'])})"
+            )
         if expected["index_sha256"] != record["index_sha256"]:
             raise DataError(
                 f"task {name!r}: the splits computed here differ from those recorded in the export's manifest; "
@@ -680,7 +694,10 @@ class ArrayImageDataset(Dataset):
 
 def task_table(tasks: Sequence[str] | None = None) -> str:
     """A Markdown table of the tasks: classes, split sizes and per-class counts (reads the data)."""
-    lines = ["| task | classes | train | val | test | per-class train / val / test |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| task | classes | train | val | test | per-class train / val / test |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in tasks or TASKS:
         _, info = load_task(name)
         cc = info["class_counts"]

@@ -118,7 +118,9 @@ def test_classifier_forward_and_adapter_target_names(converted):
     assert model.config.doran_image_size == 112
     with torch.no_grad():
         for size in (112, 224):
-            logits = model(pixel_values=torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))).logits
+            logits = model(
+                pixel_values=torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+            ).logits
             assert logits.shape == (2, 4) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="multiple of the patch size 14"):
         dinov2.build_classifier(4, 100, path=converted)
