@@ -51,12 +51,77 @@ class CommonsenseDataError(DoranError):
     """A commonsense data file is missing or malformed; the message names the file and the record."""
 
 
-def load_records(path: str | Path, require_answer: bool = False) -> list[dict[str, Any]]:
+def answers(task: str) -> list[str]:
+    """The answer vocabulary of ``task`` (``["true", "false"]`` for BoolQ)."""
+    return TASKS[task].split("|")
+
+
+def _json_records(path: Path) -> list[tuple[int, Any]]:
+    """``(line, record)`` for every element of the JSON list in ``path``; errors name the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CommonsenseDataError(f"{path}: not UTF-8 (byte offset {err.start}); save the file as UTF-8") from None
+    decoder = json.JSONDecoder()
+    seen = [0, 1]  # (offset, line) of the last lookup: records are visited in order, so count onwards
+
+    def line_of(offset: int) -> int:
+        if offset < seen[0]:
+            seen[:] = [0, 1]
+        seen[1] += text.count("\n", seen[0], offset)
+        seen[0] = offset
+        return seen[1]
+
+    def fail(offset: int, what: str) -> CommonsenseDataError:
+        return CommonsenseDataError(
+            f"{path}:{line_of(offset)}: {what}; a commonsense file is one JSON list of records "
+            '[{"instruction": ..., "input": "", "output": "the correct answer is ...", "answer": ...}, ...]'
+        )
+
+    i = len(text) - len(text.lstrip())
+    if not text.startswith("[", i):
+        raise fail(i, "not a JSON list (it must start with '[')")
+    i += 1
+    out: list[tuple[int, Any]] = []
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i < len(text) and text[i] == "]" and not out:
+            break
+        try:
+            record, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as err:
+            raise fail(err.pos, f"not valid JSON ({err.msg})") from None
+        out.append((line_of(i), record))
+        i = end
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i < len(text) and text[i] == ",":
+            i += 1
+            continue
+        if i < len(text) and text[i] == "]":
+            break
+        raise fail(i, "not valid JSON (expected ',' or ']' after a record)")
+    if text[i + 1 :].strip():
+        raise fail(i + 1, "not valid JSON (text after the closing ']')")
+    return out
+
+
+def load_records(
+    path: str | Path, require_answer: bool = False, task: str | None = None
+) -> list[dict[str, Any]]:
     """Read a JSON list of records in the commonsense-170k format, checking every record.
+
+    Every record needs the text fields ``instruction`` and ``output`` (training) or ``instruction`` and
+    ``answer`` (``require_answer=True``, a test set); ``input`` (and ``output`` / ``answer`` where not
+    required) must be text when present. With ``task`` (a test set, or a training file in a task folder),
+    a gold ``answer`` must be one of the task's answers exactly (``ending1`` .. ``ending4`` for HellaSwag),
+    since evaluation compares it with the answer extracted from the lower-cased response. Errors name the
+    file, the line and the fix.
 
     Example::
 
-        records = load_records("data/commonsense/boolq/test.json", require_answer=True)
+        records = load_records("data/commonsense/boolq/test.json", require_answer=True, task="boolq")
     """
     path = Path(path)
     if not path.is_file():
@@ -64,29 +129,59 @@ def load_records(path: str | Path, require_answer: bool = False) -> list[dict[st
             f"no commonsense data at {path}; expected a JSON list of records with keys "
             f"{REQUIRED_FIELDS + ('answer',)} (the commonsense-170k format), e.g. <data>/boolq/test.json"
         )
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CommonsenseDataError(f"{path} is not valid JSON (line {err.lineno}): {err.msg}") from err
-    if not isinstance(records, list) or not records:
-        raise CommonsenseDataError(f"{path} must hold a non-empty JSON list of records")
-    needed = REQUIRED_FIELDS + (("answer",) if require_answer else ())
-    for i, rec in enumerate(records):
+    rows = _json_records(path)
+    if not rows:
+        raise CommonsenseDataError(f"{path}: the JSON list is empty; it must hold at least one record")
+    needed = ("instruction", "answer") if require_answer else ("instruction", "output")
+    vocab = answers(task) if task is not None else None
+    records = []
+    for i, (line, rec) in enumerate(rows):
+        where = f"{path}:{line}: record {i}"
         if not isinstance(rec, dict):
-            raise CommonsenseDataError(f"{path}: record {i} is a {type(rec).__name__}, not an object")
-        missing = [k for k in needed if not isinstance(rec.get(k), str)]
+            raise CommonsenseDataError(f"{where} is a {type(rec).__name__}, not an object {{...}}")
+        missing = [k for k in needed if k not in rec]
         if missing:
-            raise CommonsenseDataError(f"{path}: record {i} lacks the text field(s) {missing}")
+            raise CommonsenseDataError(
+                f"{where} has no {missing[0]!r}; {'test' if require_answer else 'training'} records need "
+                f"{list(needed)} (keys here: {sorted(rec)})"
+            )
+        for key in ("instruction", "input", "output", "answer"):
+            if key in rec and not isinstance(rec[key], str):
+                raise CommonsenseDataError(
+                    f"{where}: {key!r} must be text, got {type(rec[key]).__name__} {rec[key]!r}"
+                )
+        if vocab is not None and "answer" in rec and rec["answer"] not in vocab:
+            raise CommonsenseDataError(
+                f"{where}: gold answer {rec['answer']!r} is not an answer of {task} ({'/'.join(vocab)}); "
+                "write it exactly as one of them (lower case)"
+            )
+        records.append(rec)
     return records
 
 
-def task_of(path: str | Path) -> str:
-    """The task of a test file by its folder name (``<data>/<task>/test.json``)."""
+def task_of(path: str | Path, strict: bool = True) -> str | None:
+    """The task of a data file by its folder name (``<data>/<task>/test.json``).
+
+    ``strict=False`` returns None for a file outside a task folder (``commonsense_170k.json``)."""
     name = Path(path).parent.name
     if name not in TASKS:
+        if not strict:
+            return None
         raise CommonsenseDataError(f"cannot tell the task of {path}: its folder {name!r} is not one of "
                                    f"{sorted(TASKS)}; put each test set in a folder named after its task")
     return name
+
+
+def validate_files(train_paths: Sequence[str | Path], test_paths: Sequence[str | Path]) -> dict[str, int]:
+    """Read and check every training and test record (see ``load_records``) before any model loads.
+
+    Returns the number of records per file."""
+    counts = {}
+    for p in train_paths:
+        counts[str(p)] = len(load_records(p, task=task_of(p, strict=False)))
+    for p in test_paths:
+        counts[str(p)] = len(load_records(p, require_answer=True, task=task_of(p)))
+    return counts
 
 
 def prompt(record: dict[str, Any], with_output: bool = False) -> str:

@@ -221,7 +221,7 @@ class CommonsenseData(pl.LightningDataModule):
         self.tokenizer, self.train_paths, self.val_size, self.cutoff = tokenizer, list(train_paths), val_size, cutoff
         self.batch_size, self.eval_batch_size, self.fraction, self.seed = batch_size, eval_batch_size, fraction, seed
         self.synthetic, self.num_workers = synthetic, num_workers
-        self.records = [r for p in self.train_paths for r in cs.load_records(p)]  # validated up front
+        self.records = [r for p in self.train_paths for r in cs.load_records(p, task=cs.task_of(p, strict=False))]
         self.train_set = self.val_set = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -411,7 +411,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, test_paths: Sequence[str | os.Pa
 
     Every file is read and checked before the first generation starts.
     """
-    sets = [(cs.task_of(p), cs.load_records(p, require_answer=True)) for p in test_paths]
+    sets = [(cs.task_of(p), cs.load_records(p, require_answer=True, task=cs.task_of(p))) for p in test_paths]
     per_task = {}
     for task, records in sets:
         res = cs.evaluate(model, tokenizer, records, task, batch_size=batch_size, max_new_tokens=max_new_tokens,

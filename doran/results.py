@@ -151,20 +151,38 @@ def validate_result(result: dict[str, Any], source: str = "result") -> None:
         raise ValueError(f"{source}: a failed run must say why (key 'failure')")
 
 
-def config_hash(config: dict[str, Any], length: int = 8) -> str:
-    """Short sha256 of the config's canonical JSON, without the keys that do not change the computation."""
+def config_hash(config: dict[str, Any], length: int = 8, data: str | None = None) -> str:
+    """Short sha256 of the config's canonical JSON, without the keys that do not change the computation.
+
+    ``data``: the fingerprint of the data the run reads (``doran.data.Splits.fingerprint``, or a hash of
+    the data files), so that the same config on edited data is another run.
+    """
     identity = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    if data is not None:
+        identity = {**identity, "__data_sha256__": data}
     text = json.dumps(_jsonable(identity), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def make_run_id(config: dict[str, Any]) -> str:
-    """``<method>-s<seed>-f<fraction>-<hash>``: readable grid coordinates plus a hash of the whole config.
+def make_run_id(config: dict[str, Any], data: str | None = None) -> str:
+    """``<method>-s<seed>-f<fraction>-<hash>``: readable grid coordinates plus a hash of the whole config
+    and of the data's content (``data``, its fingerprint).
 
-    >>> make_run_id({"method": "doran", "seed": 1, "fraction": 0.1})  # doctest: +SKIP
+    >>> make_run_id({"method": "doran", "seed": 1, "fraction": 0.1}, data="ab12")  # doctest: +SKIP
     'doran-s1-f0.1-5d3c0e1a'
     """
-    return f"{config['method']}-s{config['seed']}-f{float(config['fraction']):g}-{config_hash(config)}"
+    return f"{config['method']}-s{config['seed']}-f{float(config['fraction']):g}-{config_hash(config, data=data)}"
+
+
+def files_sha256(paths: list[str] | tuple[str, ...]) -> str:
+    """sha256 (hex) over the bytes of ``paths`` in order (each prefixed by its size): a data-file identity."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"\x00{os.path.getsize(path)}\x00".encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _git(*args: str, cwd: Path) -> str | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 
-from experiments.run import ConfigError, _merge, _read_yaml, apply_overrides, cli
+from experiments.run import ConfigError, _merge, _read_yaml, apply_overrides, cli, interruptible
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "lm_default.yaml"
@@ -35,10 +35,10 @@ def load_config(
     config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """lm_default.yaml, merged with ``config``, then ``overrides``; validated (no model is loaded)."""
-    cfg = _read_yaml(DEFAULT_CONFIG)
+    defaults = cfg = _read_yaml(DEFAULT_CONFIG)
     if config is not None and Path(config).resolve() != DEFAULT_CONFIG:
         cfg = _merge(cfg, _read_yaml(config), source=f"{config}: ")
-    return resolve_config(apply_overrides(cfg, list(overrides)))
+    return resolve_config(apply_overrides(cfg, list(overrides), schema=defaults))
 
 
 def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +143,12 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     rt, m, d, t, ev = cfg["runtime"], cfg["model"], cfg["data"], cfg["train"], cfg["eval"]
-    run_id = results.make_run_id(cfg)
+    from doran import commonsense as cs
+
+    # every training and test record is read and checked before any model loads
+    record_counts = cs.validate_files(d["train_paths"], d["test_paths"])
+    data_sha256 = data_identity(cfg)
+    run_id = results.make_run_id(cfg, data_sha256)
     out = Path(cfg["out"])
     result_path, run_dir = out / f"{run_id}.json", out / run_id
     if result_path.exists() and not rt["force"]:
@@ -223,7 +228,8 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
         doran.print_trainable_parameters(module.model)
     t_fit = time.perf_counter()
     if t["max_steps"] != 0:  # train.max_steps=0 evaluates the base model: every preset is the identity at step 0
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+        with interruptible(trainer, ckpt, "python -m experiments.run_lm"):
+            trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.is_file() else None)
     else:
         data.setup("fit")
     fit_s = time.perf_counter() - t_fit
@@ -286,6 +292,8 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
             "train_paths": d["train_paths"],
             "test_paths": d["test_paths"],
             "synthetic": d["synthetic"],
+            "sha256": data_sha256,
+            "records": record_counts,
             "sizes": {"train": len(data.train_set), "val": len(data.val_set)},
         },
         "throughput": steps.throughput(),
@@ -320,7 +328,23 @@ def main(argv: list[str] | None = None) -> int:
     from doran.lm import ModelFilesError
 
     return cli(argv, "python -m experiments.run_lm", __doc__, DEFAULT_CONFIG, load_config, run,
-               (CommonsenseDataError, ModelFilesError))
+               (CommonsenseDataError, ModelFilesError), identify=run_id_of)
+
+
+def data_identity(cfg: dict[str, Any]) -> str:
+    """sha256 of the run's data: the bytes of its training and test files (the synthetic task is config)."""
+    from doran.results import files_sha256
+
+    return files_sha256([*cfg["data"]["train_paths"], *cfg["data"]["test_paths"]])
+
+
+def run_id_of(cfg: dict[str, Any]) -> str:
+    """The run_id of the resolved config: its config and the content of its data files."""
+    from doran import commonsense as cs
+    from doran.results import make_run_id
+
+    cs.validate_files(cfg["data"]["train_paths"], cfg["data"]["test_paths"])
+    return make_run_id(cfg, data_identity(cfg))
 
 
 if __name__ == "__main__":

@@ -148,8 +148,8 @@ def make_objective(
     """The Optuna objective of ``method``: mean final validation accuracy over the profile's tuning seeds."""
     import optuna
 
-    from doran.results import make_run_id
     from experiments.run import run
+    from experiments.sweep import point_run_id
 
     tune = profile.tune
     fraction, seeds = float(tune.get("fraction", 1.0)), list(tune.get("seeds", [100]))
@@ -169,7 +169,7 @@ def make_objective(
                 f"out={out}",
             ]
             cfg, _ = run_config(profile, overrides, base)
-            run_id = make_run_id(cfg)
+            run_id = point_run_id(cfg)
             trial.set_user_attr(f"run_id_{seed}", run_id)
             callbacks = [_pruning_callback(trial)] if i == 0 else []
             try:

@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from doran import results
-from experiments.run import ConfigError, load_config, main, run
+from experiments.run import ConfigError, load_config, main, run, run_id_of
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "experiments" / "configs" / "smoke.yaml")
@@ -129,8 +129,8 @@ def test_smoke_profile_is_merged_over_the_defaults():
 @pytest.mark.parametrize(
     "override, pattern",
     [
-        ("train.lrr=1", r"unknown key 'train.lrr'; valid keys: \[.*'train.lr'"),
-        ("name=x", r"ambiguous: \['model.name', 'data.name'\]"),
+        ("train.lrr=1", r"unknown key 'train.lrr' \(did you mean 'train.lr'"),
+        ("name=x", r"ambiguous: \['data.name', 'model.name'\]"),
         ("train.epochs=two", "train.epochs must be an integer"),
         ("method=qlora", r"unknown method 'qlora'; valid: \[.*'doran'.*'lora'"),
         ("fraction=0", r"fraction must lie in \(0, 1\]"),
@@ -226,11 +226,12 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
     straight = run(load_config(None, tiny_text(tmp_path / "a", *args)), verbose=False)
 
     cfg = load_config(None, tiny_text(tmp_path / "b", *args))
-    result_path = Path(cfg["out"]) / f"{results.make_run_id(cfg)}.json"
+    run_id = run_id_of(cfg)
+    result_path = Path(cfg["out"]) / f"{run_id}.json"
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(cfg, callbacks=[Kill()], verbose=False)
     assert not result_path.exists()
-    ckpt = Path(cfg["out"]) / results.make_run_id(cfg) / "checkpoints" / "last.ckpt"
+    ckpt = Path(cfg["out"]) / run_id / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     resumed = run(cfg, verbose=False)
     assert resumed["resumed_from_step"] == 5 and resumed["steps"] == straight["steps"] == 10  # 5 per epoch
