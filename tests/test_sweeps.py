@@ -173,9 +173,12 @@ def test_rerunning_a_finished_target_runs_nothing(smoke, monkeypatch, capsys):
         raise AssertionError("a finished run was run again")
 
     monkeypatch.setattr("experiments.run.run", no_run)
+    manifests = sorted(smoke["results"].glob("*/sweep.json"))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in manifests}
     assert sweep.main(["all", *smoke["common"], "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.count("0 completed") == 3 and "28 already finished" in out
+    assert len(manifests) == 3 and before == {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in manifests}
 
 
 def test_make_targets_call_these_entry_points():
