@@ -817,13 +817,16 @@ def build_base(spec: str, base_kwargs: dict[str, Any] | None = None,
             raise ExportError(f"timm.create_model({name!r}, **{base_kwargs or {}}) fails: {err}; check the name "
                               "and --base-kwargs") from err
         state = _read_checkpoint(Path(checkpoint))
-        result = model.load_state_dict(state, strict=False)
-        mismatch = [k for k, v in state.items() if k in model.state_dict() and
-                    tuple(model.state_dict()[k].shape) != tuple(v.shape)]
-        if result.missing_keys or result.unexpected_keys or mismatch:
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and tuple(own[k].shape) != tuple(v.shape)]
+        if missing or unexpected or shapes:
             raise ExportError(f"--checkpoint {checkpoint} does not fit timm:{name} with --base-kwargs "
-                              f"{json.dumps(base_kwargs or {})}: missing {result.missing_keys[:3]}, unexpected "
-                              f"{result.unexpected_keys[:3]}; give the --base-kwargs the model was built with")
+                              f"{json.dumps(base_kwargs or {})}: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}, other shapes (file vs model) {shapes[:2]}; give the "
+                              "--base-kwargs the model was built with")
+        model.load_state_dict(state)
         return model.eval()
     if base_kwargs:
         raise ExportError("--base-kwargs is for --base timm:<name>; a from_pretrained folder holds its config")
