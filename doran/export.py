@@ -64,8 +64,15 @@ PEFT_WEIGHTS_BIN = "adapter_model.bin"
 EXPORT_FORMAT = "doran-peft-export/1"  # safetensors metadata of a folder written by export_peft
 MERGED_NOTE = "doran_export.json"  # what a merged folder holds (method, config), for people reading it
 
-METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "doran": "DoRAN", "replora": "RepLoRA", "hora": "HoRA",
-                "prediag": "Pre-Diag", "sora": "SORA"}
+METHOD_NAMES = {
+    "lora": "LoRA",
+    "dora": "DoRA",
+    "doran": "DoRAN",
+    "replora": "RepLoRA",
+    "hora": "HoRA",
+    "prediag": "Pre-Diag",
+    "sora": "SORA",
+}
 # init_lora_weights values that only choose the initial A, B (safe to import); PiSSA, OLoRA, LoftQ, CorDA ...
 # also rewrite the base weights, which a plain base model does not have.
 _PLAIN_INITS = (True, False, "gaussian", "true", "false")
@@ -132,14 +139,18 @@ def _training_notes(cfg: doran.AdapterConfig, fused: bool) -> list[str]:
     """What differs in PEFT only when training continues (the outputs are equal)."""
     notes = []
     if cfg.magnitude and cfg.dropout > 0:
-        notes.append(f"dropout={cfg.dropout}: in training PEFT's DoRA applies the dropout to the base input "
-                     "inside the rescaling too, doran's only to the low-rank input; eval outputs are equal")
+        notes.append(
+            f"dropout={cfg.dropout}: in training PEFT's DoRA applies the dropout to the base input "
+            "inside the rescaling too, doran's only to the low-rank input; eval outputs are equal"
+        )
     if cfg.magnitude and not cfg.detach_norm:
         notes.append("detach_norm=False: PEFT's DoRA always treats the row norm as a constant in backprop")
     if fused:
-        notes.append("a fused qkv is exported as one PEFT LoRA on the whole Linear: in PEFT the k rows "
-                     "(zero B rows" + (", magnitude = base row norm" if cfg.magnitude else "") + ") become "
-                     "trainable" + (" and q and v share one dropout mask" if cfg.dropout > 0 else ""))
+        notes.append(
+            "a fused qkv is exported as one PEFT LoRA on the whole Linear: in PEFT the k rows "
+            "(zero B rows" + (", magnitude = base row norm" if cfg.magnitude else "") + ") become "
+            "trainable" + (" and q and v share one dropout mask" if cfg.dropout > 0 else "")
+        )
     return notes
 
 
@@ -175,16 +186,20 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 def _from_model(model: nn.Module) -> _Adapter:
     if not isinstance(model, nn.Module) or not doran.is_injected(model):
-        raise ExportError("the model has no doran adapters: inject and train one, or give the adapter file "
-                          "written by doran.save_adapter")
+        raise ExportError(
+            "the model has no doran adapters: inject and train one, or give the adapter file "
+            "written by doran.save_adapter"
+        )
     cfg = doran.get_config(model)
     check_peft_form(cfg)
     projs = []
     adapted = list(doran.adapted_modules(model))
     for name, layer in adapted:
         if layer.merged:
-            raise ExportError(f"{name} is merged; call doran.unmerge(model) before export_peft (PEFT needs the "
-                              "base weights apart from the adapter)")
+            raise ExportError(
+                f"{name} is merged; call doran.unmerge(model) before export_peft (PEFT needs the "
+                "base weights apart from the adapter)"
+            )
         proj = _Proj(name, tuple(layer.weight.shape), {}, weight=layer.weight.detach().to("cpu"))
         for key, ad in sorted(layer.doran.items(), key=lambda kv: kv[1].start):
             proj.slices[key] = (ad.start, ad.stop)
@@ -206,13 +221,17 @@ def _trainable_modules(model: nn.Module, adapted: list[str]) -> dict[str, dict[s
             continue
         owner = name.rpartition(".")[0]
         if not owner:
-            raise ExportError(f"the trainable tensor {name!r} belongs to the model's root module; PEFT's "
-                              "modules_to_save holds whole submodules only. Use --to merged (export_merged)")
+            raise ExportError(
+                f"the trainable tensor {name!r} belongs to the model's root module; PEFT's "
+                "modules_to_save holds whole submodules only. Use --to merged (export_merged)"
+            )
         clash = [a for a in adapted if a == owner or a.startswith(owner + ".")]
         if clash:
-            raise ExportError(f"the trainable tensor {name!r} belongs to {owner!r}, which holds the adapted "
-                              f"layer {clash[0]!r}: PEFT cannot train a base weight under a LoRA. Use --to "
-                              "merged (export_merged)")
+            raise ExportError(
+                f"the trainable tensor {name!r} belongs to {owner!r}, which holds the adapted "
+                f"layer {clash[0]!r}: PEFT cannot train a base weight under a LoRA. Use --to "
+                "merged (export_merged)"
+            )
         if owner not in owners:
             owners.append(owner)
     outer = [o for o in owners if not any(o.startswith(p + ".") for p in owners if p != o)]
@@ -224,8 +243,9 @@ def _from_file(path: str | os.PathLike, base_model: nn.Module | None) -> _Adapte
     check_peft_form(cfg)
     if base_model is not None:
         if doran.is_injected(base_model):
-            raise ExportError("base_model already has doran adapters; give the plain base model the adapter "
-                              "was trained on")
+            raise ExportError(
+                "base_model already has doran adapters; give the plain base model the adapter was trained on"
+            )
         model = copy.deepcopy(base_model)
         doran.load_adapter(model, path)  # refuses a file that does not fit this base
         return _from_model(model)
@@ -237,22 +257,28 @@ def _from_file(path: str | os.PathLike, base_model: nn.Module | None) -> _Adapte
             if cfg.magnitude:
                 want["m"] = f"{name}.doran.{key}.magnitude"
             if any(t not in tensors for t in want.values()):
-                raise ExportError(f"{path}: the tensors of {name} are not laid out as export_peft reads them "
-                                  "without a model; pass base_model= (the base the adapter was trained on)")
+                raise ExportError(
+                    f"{path}: the tensors of {name} are not laid out as export_peft reads them "
+                    "without a model; pass base_model= (the base the adapter was trained on)"
+                )
             for part, t in want.items():
                 getattr(proj, part)[key] = tensors[t]
                 used.add(t)
         if cfg.magnitude and sum(b - a for a, b in proj.slices.values()) != proj.shape[0]:
-            raise ExportError(f"{path}: DoRA on part of the rows of {name} (a fused qkv) needs the base "
-                              "weights for the magnitude of the other rows; pass base_model= (or use the "
-                              "command's --base)")
+            raise ExportError(
+                f"{path}: DoRA on part of the rows of {name} (a fused qkv) needs the base "
+                "weights for the magnitude of the other rows; pass base_model= (or use the "
+                "command's --base)"
+            )
         projs.append(proj)
     extra: dict[str, dict[str, torch.Tensor]] = {}
     for t in sorted(set(tensors) - used):
         owner, _, local = t.rpartition(".")
         if not owner:
-            raise ExportError(f"{path}: the trainable tensor {t!r} belongs to the model's root module, which "
-                              "PEFT's modules_to_save cannot hold; use --to merged")
+            raise ExportError(
+                f"{path}: the trainable tensor {t!r} belongs to the model's root module, which "
+                "PEFT's modules_to_save cannot hold; use --to merged"
+            )
         extra.setdefault(owner, {})[local] = tensors[t]
     return _Adapter(cfg, projs, extra)
 
@@ -261,8 +287,10 @@ def _from_file(path: str | os.PathLike, base_model: nn.Module | None) -> _Adapte
 def _check_out_dir(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"the output folder {out} exists and is not empty; give a new folder (or empty it "
-                          "first: nothing is overwritten)")
+        raise ExportError(
+            f"the output folder {out} exists and is not empty; give a new folder (or empty it "
+            "first: nothing is overwritten)"
+        )
     return out
 
 
@@ -302,26 +330,34 @@ def _peft_tensors(proj: _Proj, cfg: doran.AdapterConfig) -> tuple[dict[str, torc
         B = torch.zeros(proj.shape[0], r * len(keys), dtype=proj.B[keys[0]].dtype)
         for i, k in enumerate(keys):
             a, b = proj.slices[k]
-            B[a:b, i * r:(i + 1) * r] = proj.B[k]
+            B[a:b, i * r : (i + 1) * r] = proj.B[k]
         m = None
         if cfg.magnitude:
             if proj.weight is None:
-                raise ExportError(f"DoRA on part of the rows of {proj.name} needs the base weights; pass "
-                                  "base_model=")
+                raise ExportError(
+                    f"DoRA on part of the rows of {proj.name} needs the base weights; pass base_model="
+                )
             # rows outside the slices: m = ||W0_row||, so PEFT's m / ||W0_row + 0|| is 1 there
             m = torch.linalg.norm(proj.weight.to(proj.m[keys[0]].dtype), dim=1)
             for k in keys:
                 a, b = proj.slices[k]
                 m[a:b] = proj.m[k]
-    out = {f"{PEFT_PREFIX}{proj.name}.lora_A.weight": A.contiguous(),
-           f"{PEFT_PREFIX}{proj.name}.lora_B.weight": B.contiguous()}
+    out = {
+        f"{PEFT_PREFIX}{proj.name}.lora_A.weight": A.contiguous(),
+        f"{PEFT_PREFIX}{proj.name}.lora_B.weight": B.contiguous(),
+    }
     if m is not None:
         out[f"{PEFT_PREFIX}{proj.name}.lora_magnitude_vector"] = m.contiguous()
     return out, A.shape[0]
 
 
-def export_peft(model_or_adapter_file: nn.Module | str | os.PathLike, out_dir: str | os.PathLike,
-                base_model: nn.Module | None = None, *, base_model_name_or_path: str | None = None) -> Path:
+def export_peft(
+    model_or_adapter_file: nn.Module | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    base_model: nn.Module | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
     """Write a LoRA or DoRA adapter as a PEFT adapter folder; returns the folder.
 
     ``model_or_adapter_file``: a model with doran adapters, or a file written by ``doran.save_adapter``.
@@ -341,7 +377,9 @@ def export_peft(model_or_adapter_file: nn.Module | str | os.PathLike, out_dir: s
     out = _check_out_dir(out_dir)
     if isinstance(model_or_adapter_file, nn.Module):
         if base_model is not None:
-            raise ExportError("base_model is for an adapter file; a model with adapters already holds its base")
+            raise ExportError(
+                "base_model is for an adapter file; a model with adapters already holds its base"
+            )
         if doran.is_injected(model_or_adapter_file):
             check_peft_form(doran.get_config(model_or_adapter_file))
         adapter = _from_model(model_or_adapter_file)
@@ -384,23 +422,28 @@ def export_peft(model_or_adapter_file: nn.Module | str | os.PathLike, out_dir: s
         "alpha_pattern": {re.escape(n): _number(a) for n, (_, a) in other.items()},
     }
     if adapter.model_class is not None:
-        config["auto_mapping"] = {"base_model_class": adapter.model_class[0],
-                                  "parent_library": adapter.model_class[1]}
+        config["auto_mapping"] = {
+            "base_model_class": adapter.model_class[0],
+            "parent_library": adapter.model_class[1],
+        }
     fused = any(p.partial for p in adapter.projs)
     notes = _training_notes(cfg, fused)
     metadata = {
         "format": "pt",
         "doran_format": EXPORT_FORMAT,
         "doran_config": cfg.to_json(),
-        "doran_layout": json.dumps({p.name: {k: list(v) for k, v in p.slices.items()} for p in adapter.projs}),
+        "doran_layout": json.dumps(
+            {p.name: {k: list(v) for k, v in p.slices.items()} for p in adapter.projs}
+        ),
         "doran_notes": json.dumps(notes),
     }
     with _Staging(out) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata=metadata)
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for note in notes:
-        warnings.warn(f"{method_name(cfg)} exported to PEFT with equal outputs, but {note}", ExportWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"{method_name(cfg)} exported to PEFT with equal outputs, but {note}", ExportWarning, stacklevel=2
+        )
     return out
 
 
@@ -421,8 +464,9 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def _timm_config(model: nn.Module, plain: nn.Module, architecture: str | None,
-                 kwargs: dict[str, Any] | None) -> dict[str, Any]:
+def _timm_config(
+    model: nn.Module, plain: nn.Module, architecture: str | None, kwargs: dict[str, Any] | None
+) -> dict[str, Any]:
     """timm's config.json (architecture, model_args, pretrained_cfg) for ``plain``, checked by a rebuild."""
     import timm
     import timm.models
@@ -430,12 +474,16 @@ def _timm_config(model: nn.Module, plain: nn.Module, architecture: str | None,
     pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
     architecture = architecture or pcfg.get("architecture")
     if not architecture:
-        raise ExportError("cannot tell the timm architecture of this model; pass timm_architecture= (the name "
-                          "given to timm.create_model)")
+        raise ExportError(
+            "cannot tell the timm architecture of this model; pass timm_architecture= (the name "
+            "given to timm.create_model)"
+        )
     if kwargs is None:
         if not hasattr(timm.models, "get_model_args"):
-            raise ExportError("this timm version does not record the arguments a model was built with; pass "
-                              "timm_kwargs= (those given to timm.create_model)")
+            raise ExportError(
+                "this timm version does not record the arguments a model was built with; pass "
+                "timm_kwargs= (those given to timm.create_model)"
+            )
         kwargs = timm.models.get_model_args(model)
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     if not _jsonable(kwargs):
@@ -445,13 +493,17 @@ def _timm_config(model: nn.Module, plain: nn.Module, architecture: str | None,
         with torch.device("meta"):
             rebuilt = timm.create_model(architecture, pretrained=False, **kwargs)
     except Exception as err:  # timm raises TypeError / RuntimeError / AssertionError for bad arguments
-        raise ExportError(f"timm.create_model({architecture!r}, **{kwargs}) fails ({err}); pass the "
-                          "timm_architecture= and timm_kwargs= the model was built with") from err
+        raise ExportError(
+            f"timm.create_model({architecture!r}, **{kwargs}) fails ({err}); pass the "
+            "timm_architecture= and timm_kwargs= the model was built with"
+        ) from err
     got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:4]
-        raise ExportError(f"timm.create_model({architecture!r}, **{kwargs}) does not rebuild this model (first "
-                          f"differences: {diff}); pass the timm_kwargs= it was built with")
+        raise ExportError(
+            f"timm.create_model({architecture!r}, **{kwargs}) does not rebuild this model (first "
+            f"differences: {diff}); pass the timm_kwargs= it was built with"
+        )
     drop = {"url", "hf_hub_id", "hf_hub_filename", "file", "source", "state_dict", "tag"}
     pretrained_cfg = {k: v for k, v in pcfg.items() if k not in drop and _jsonable(v)}
     pretrained_cfg["architecture"] = architecture
@@ -463,8 +515,13 @@ def _timm_config(model: nn.Module, plain: nn.Module, architecture: str | None,
     return config
 
 
-def export_merged(model: nn.Module, out_dir: str | os.PathLike, *, timm_architecture: str | None = None,
-                  timm_kwargs: dict[str, Any] | None = None) -> Path:
+def export_merged(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    timm_architecture: str | None = None,
+    timm_kwargs: dict[str, Any] | None = None,
+) -> Path:
     """Write the model with every adapter merged into its weights, loadable without doran; returns the folder.
 
     Any method (LoRA, DoRA, DoRAN, RepLoRA, HoRA, Pre-Diag, SORA). The folder holds, for a transformers
@@ -486,8 +543,10 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, *, timm_architec
     """
     out = _check_out_dir(out_dir)
     if not isinstance(model, nn.Module) or not doran.is_injected(model):
-        raise ExportError("the model has no doran adapters, so there is nothing to merge; save it with its own "
-                          "save_pretrained / torch.save")
+        raise ExportError(
+            "the model has no doran adapters, so there is nothing to merge; save it with its own "
+            "save_pretrained / torch.save"
+        )
     cfg = doran.get_config(model)
     plain = doran.merged_copy(model).eval()
     if _is_transformers(plain):
@@ -499,8 +558,13 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, *, timm_architec
     else:
         kind = "torch"
         timm_config = None
-    note = {"format": "doran-merged/1", "kind": kind, "method": cfg.method, "config": cfg.to_dict(),
-            "model_class": f"{type(model).__module__}.{type(model).__name__}"}
+    note = {
+        "format": "doran-merged/1",
+        "kind": kind,
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "model_class": f"{type(model).__module__}.{type(model).__name__}",
+    }
     with _Staging(out) as tmp:
         if kind == "transformers":
             plain.save_pretrained(str(tmp))
@@ -517,8 +581,10 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike, *, timm_architec
 def _read_peft_folder(peft_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
     cfg_path = peft_dir / PEFT_CONFIG
     if not cfg_path.is_file():
-        raise ExportError(f"no {PEFT_CONFIG} in {peft_dir}; give a folder written by PEFT's save_pretrained or "
-                          "doran.export.export_peft")
+        raise ExportError(
+            f"no {PEFT_CONFIG} in {peft_dir}; give a folder written by PEFT's save_pretrained or "
+            "doran.export.export_peft"
+        )
     try:
         config = json.loads(cfg_path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
@@ -530,8 +596,9 @@ def _read_peft_folder(peft_dir: Path) -> tuple[dict[str, Any], dict[str, torch.T
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         except Exception as err:  # safetensors raises several types for a damaged header or body
-            raise ExportError(f"{peft_dir / PEFT_WEIGHTS} is not a readable safetensors file ({err}); the "
-                              "folder is damaged") from err
+            raise ExportError(
+                f"{peft_dir / PEFT_WEIGHTS} is not a readable safetensors file ({err}); the folder is damaged"
+            ) from err
     elif (peft_dir / PEFT_WEIGHTS_BIN).is_file():
         try:
             tensors = torch.load(peft_dir / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
@@ -544,8 +611,10 @@ def _read_peft_folder(peft_dir: Path) -> tuple[dict[str, Any], dict[str, torch.T
 
 def _check_peft_config(config: dict[str, Any], where: Path) -> None:
     if config.get("peft_type") != "LORA":
-        raise ExportError(f"{where} holds a {config.get('peft_type')} adapter; doran imports PEFT's LORA "
-                          "(LoRA and DoRA) only")
+        raise ExportError(
+            f"{where} holds a {config.get('peft_type')} adapter; doran imports PEFT's LORA "
+            "(LoRA and DoRA) only"
+        )
     refused = {
         "fan_in_fan_out": "the layers are transposed Conv1D (GPT-2 style); doran adapts nn.Linear only",
         "lora_bias": "B has a bias, which doran's LoRA has not",
@@ -561,13 +630,17 @@ def _check_peft_config(config: dict[str, Any], where: Path) -> None:
         if config.get(key):
             raise ExportError(f"{where}: {key}={config[key]!r} cannot be imported: {why}")
     if config.get("bias", "none") != "none":
-        raise ExportError(f"{where}: bias={config['bias']!r} trains base biases, which the adapter file does "
-                          "not hold apart; only bias='none' is imported")
+        raise ExportError(
+            f"{where}: bias={config['bias']!r} trains base biases, which the adapter file does "
+            "not hold apart; only bias='none' is imported"
+        )
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
-        raise ExportError(f"{where}: init_lora_weights={init!r} rewrites the base weights at creation, so the "
-                          "adapter needs that rewritten base; convert it to plain LoRA with PEFT first "
-                          "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+        raise ExportError(
+            f"{where}: init_lora_weights={init!r} rewrites the base weights at creation, so the "
+            "adapter needs that rewritten base; convert it to plain LoRA with PEFT first "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
 
 
 def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
@@ -584,18 +657,26 @@ def _split_peft_keys(tensors: dict[str, torch.Tensor], where: Path) -> tuple[dic
     rest = {}
     for key, t in tensors.items():
         if not key.startswith(PEFT_PREFIX):
-            raise ExportError(f"{where}: tensor {key!r} does not start with {PEFT_PREFIX!r}; not a PEFT LoRA of "
-                              "a whole model")
-        key = key[len(PEFT_PREFIX):]
-        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"),
-                             (".lora_magnitude_vector.weight", "m"), (".lora_magnitude_vector", "m")):
+            raise ExportError(
+                f"{where}: tensor {key!r} does not start with {PEFT_PREFIX!r}; not a PEFT LoRA of "
+                "a whole model"
+            )
+        key = key[len(PEFT_PREFIX) :]
+        for suffix, part in (
+            (".lora_A.weight", "A"),
+            (".lora_B.weight", "B"),
+            (".lora_magnitude_vector.weight", "m"),
+            (".lora_magnitude_vector", "m"),
+        ):
             if key.endswith(suffix):
                 mods.setdefault(key[: -len(suffix)], {})[part] = t
                 break
         else:
             if ".lora_" in key:
-                raise ExportError(f"{where}: tensor {key!r} is a PEFT LoRA part doran does not import (only "
-                                  "Linear lora_A, lora_B and lora_magnitude_vector)")
+                raise ExportError(
+                    f"{where}: tensor {key!r} is a PEFT LoRA part doran does not import (only "
+                    "Linear lora_A, lora_B and lora_magnitude_vector)"
+                )
             rest[key.replace(".modules_to_save.", ".").replace(".original_module.", ".")] = t
     for name, parts in mods.items():
         if "A" not in parts or "B" not in parts:
@@ -624,9 +705,9 @@ def _restore_layout(meta: dict[str, str], mods: dict, use_dora: bool):
         part = {"A": {}, "B": {}, "m": {}}
         for i, k in enumerate(keys):
             a, b = slices[k]
-            part["A"][k] = A[i * r:(i + 1) * r]
-            part["B"][k] = B[a:b, i * r:(i + 1) * r]
-            expected[a:b, i * r:(i + 1) * r] = part["B"][k]
+            part["A"][k] = A[i * r : (i + 1) * r]
+            part["B"][k] = B[a:b, i * r : (i + 1) * r]
+            expected[a:b, i * r : (i + 1) * r] = part["B"][k]
             if use_dora:
                 part["m"][k] = mods[name]["m"][a:b]
         if not torch.equal(expected, B):  # trained further in PEFT: the k rows moved
@@ -655,7 +736,9 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> nn.Module:
     config, tensors, meta = _read_peft_folder(where)
     _check_peft_config(config, where)
     if not isinstance(model, nn.Module):
-        raise ExportError(f"model must be a torch nn.Module (the plain base model), got {type(model).__name__}")
+        raise ExportError(
+            f"model must be a torch nn.Module (the plain base model), got {type(model).__name__}"
+        )
     if doran.is_injected(model):
         raise ExportError("the model already has doran adapters; import into a fresh base model")
     use_dora = bool(config.get("use_dora", False))
@@ -668,21 +751,31 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> nn.Module:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ExportError(f"{where} adapts {name}, which this model does not have; import into the base "
-                              "model it was trained on") from None
+            raise ExportError(
+                f"{where} adapts {name}, which this model does not have; import into the base "
+                "model it was trained on"
+            ) from None
         A, B = parts["A"], parts["B"]
         if not isinstance(module, nn.Linear):
-            raise ExportError(f"{where} adapts {name}, a {type(module).__name__}; doran adapts nn.Linear only")
+            raise ExportError(
+                f"{where} adapts {name}, a {type(module).__name__}; doran adapts nn.Linear only"
+            )
         if B.shape[0] != module.out_features or A.shape[1] != module.in_features or A.shape[0] != B.shape[1]:
-            raise ExportError(f"{where}: the adapter of {name} is for a Linear of shape ({B.shape[0]}, "
-                              f"{A.shape[1]}) (rank {A.shape[0]}/{B.shape[1]}), this model's is "
-                              f"({module.out_features}, {module.in_features}); import into the base it was "
-                              "trained on")
+            raise ExportError(
+                f"{where}: the adapter of {name} is for a Linear of shape ({B.shape[0]}, "
+                f"{A.shape[1]}) (rank {A.shape[0]}/{B.shape[1]}), this model's is "
+                f"({module.out_features}, {module.in_features}); import into the base it was "
+                "trained on"
+            )
         if use_dora and ("m" not in parts or tuple(parts["m"].shape) != (module.out_features,)):
-            raise ExportError(f"{where}: use_dora is set but {name} has no magnitude vector of "
-                              f"{module.out_features} entries")
+            raise ExportError(
+                f"{where}: use_dora is set but {name} has no magnitude vector of "
+                f"{module.out_features} entries"
+            )
         if not use_dora and "m" in parts:
-            raise ExportError(f"{where}: {name} has a magnitude vector but use_dora is not set in {PEFT_CONFIG}")
+            raise ExportError(
+                f"{where}: {name} has a magnitude vector but use_dora is not set in {PEFT_CONFIG}"
+            )
         for part, t in parts.items():
             if not torch.isfinite(t).all():
                 raise ExportError(f"{where}: the {part} tensor of {name} holds NaN or inf")
@@ -691,22 +784,31 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> nn.Module:
         if key not in state:
             raise ExportError(f"{where} holds {key!r} (modules_to_save), which this model does not have")
         if tuple(state[key].shape) != tuple(t.shape):
-            raise ExportError(f"{where}: {key} has shape {tuple(t.shape)}, this model's {tuple(state[key].shape)}")
+            raise ExportError(
+                f"{where}: {key} has shape {tuple(t.shape)}, this model's {tuple(state[key].shape)}"
+            )
     trainable = _owners(model, rest, config.get("modules_to_save") or [])
 
     # ---- the doran config and the tensors of every slice
     restored = _restore_layout(meta, mods, use_dora)
     if restored is None and meta.get("doran_format") == EXPORT_FORMAT:
-        warnings.warn(f"{where} was written by doran but its tensors no longer fit the layout it names (trained "
-                      "further in PEFT?); importing it as a plain PEFT adapter", ExportWarning, stacklevel=2)
+        warnings.warn(
+            f"{where} was written by doran but its tensors no longer fit the layout it names (trained "
+            "further in PEFT?); importing it as a plain PEFT adapter",
+            ExportWarning,
+            stacklevel=2,
+        )
     if restored is not None:
         cfg, layout, parts = restored
     else:
         cfg, layout, parts = _generic_config(config, mods, where, use_dora)
     if cfg.magnitude and cfg.dropout > 0:
-        warnings.warn(f"imported DoRA with dropout={cfg.dropout}: doran's DoRA drops out only the low-rank "
-                      "input, PEFT's also the base input in training; eval outputs are equal", ExportWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"imported DoRA with dropout={cfg.dropout}: doran's DoRA drops out only the low-rank "
+            "input, PEFT's also the base input in training; eval outputs are equal",
+            ExportWarning,
+            stacklevel=2,
+        )
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -714,11 +816,16 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> nn.Module:
     except doran.DoranError as err:
         raise ExportError(f"{where} cannot be injected into this model: {err}") from err
     try:
-        got = {n: {k: (ad.start, ad.stop) for k, ad in layer.doran.items()} for n, layer in doran.adapted_modules(model)}
+        got = {
+            n: {k: (ad.start, ad.stop) for k, ad in layer.doran.items()}
+            for n, layer in doran.adapted_modules(model)
+        }
         if got != layout:
-            raise ExportError(f"{where}: its config selects other modules or slices in this model than the file "
-                              f"holds ({sorted(got)[:3]} vs {sorted(layout)[:3]}); import into the base it was "
-                              "trained on")
+            raise ExportError(
+                f"{where}: its config selects other modules or slices in this model than the file "
+                f"holds ({sorted(got)[:3]} vs {sorted(layout)[:3]}); import into the base it was "
+                "trained on"
+            )
         with torch.no_grad():
             for name, layer in doran.adapted_modules(model):
                 for key, ad in layer.doran.items():
@@ -727,7 +834,11 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> nn.Module:
                     if cfg.magnitude:
                         ad.magnitude.copy_(parts[name]["m"][key])
             for key, t in rest.items():
-                target = model.get_parameter(key) if key in dict(model.named_parameters()) else model.get_buffer(key)
+                target = (
+                    model.get_parameter(key)
+                    if key in dict(model.named_parameters())
+                    else model.get_buffer(key)
+                )
                 target.copy_(t)
     except BaseException:
         doran.eject(model)
@@ -738,15 +849,17 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike) -> nn.Module:
 
 
 def _owners(model: nn.Module, rest: dict[str, torch.Tensor], modules_to_save: list[str]) -> list[str]:
-    """The modules to keep trainable: those of ``modules_to_save`` holding tensors, else each tensor's module."""
+    """The modules to keep trainable: those of ``modules_to_save`` holding the tensors, else their modules."""
     names = [n for n, _ in model.named_modules() if n]
     owners: list[str] = []
     for key in rest:
         hits = [n for n in names if key.startswith(n + ".") and any(n.endswith(m) for m in modules_to_save)]
         owner = min(hits, key=len) if hits else key.rpartition(".")[0]
         if not owner:
-            raise ExportError(f"the tensor {key!r} belongs to the model's root module; doran's trainable "
-                              "patterns name submodules only")
+            raise ExportError(
+                f"the tensor {key!r} belongs to the model's root module; doran's trainable "
+                "patterns name submodules only"
+            )
         if owner not in owners:
             owners.append(owner)
     return owners
@@ -761,16 +874,23 @@ def _generic_config(config: dict[str, Any], mods: dict, where: Path, use_dora: b
     for name, parts in mods.items():
         r = int(_pattern_value(rank_pattern, name, r0))
         if parts["A"].shape[0] != r:
-            raise ExportError(f"{where}: {PEFT_CONFIG} gives {name} rank {r}, its tensors rank "
-                              f"{parts['A'].shape[0]}; the folder is inconsistent")
+            raise ExportError(
+                f"{where}: {PEFT_CONFIG} gives {name} rank {r}, its tensors rank "
+                f"{parts['A'].shape[0]}; the folder is inconsistent"
+            )
         alpha = float(_pattern_value(alpha_pattern, name, alpha0))
         scales[name] = alpha / math.sqrt(r) if rslora else alpha / r
     r = max(p["A"].shape[0] for p in mods.values())
     s, _ = Counter(scales.values()).most_common(1)[0]
     alpha = s * r
-    cfg = doran.AdapterConfig.preset("dora" if use_dora else "lora", r=r, alpha=alpha,
-                                     dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(mods),
-                                     fused_qkv=())
+    cfg = doran.AdapterConfig.preset(
+        "dora" if use_dora else "lora",
+        r=r,
+        alpha=alpha,
+        dropout=float(config.get("lora_dropout", 0.0)),
+        targets=tuple(mods),
+        fused_qkv=(),
+    )
     parts, layout = {}, {}
     for name, p in mods.items():
         A, B = p["A"], p["B"]
@@ -787,8 +907,9 @@ def _generic_config(config: dict[str, Any], mods: dict, where: Path, use_dora: b
 
 
 # ============================================================================================== command
-def build_base(spec: str, base_kwargs: dict[str, Any] | None = None,
-               checkpoint: str | os.PathLike | None = None) -> nn.Module:
+def build_base(
+    spec: str, base_kwargs: dict[str, Any] | None = None, checkpoint: str | os.PathLike | None = None
+) -> nn.Module:
     """The base model of the command line, from local files only, in eval mode.
 
     ``spec``: a local ``from_pretrained`` folder (transformers), or ``timm:<name>`` built with
@@ -800,43 +921,60 @@ def build_base(spec: str, base_kwargs: dict[str, Any] | None = None,
         build_base("timm:vit_base_patch16_224", {"num_classes": 10}, "vit.safetensors")
     """
     if spec.startswith("timm:"):
-        name = spec[len("timm:"):]
+        name = spec[len("timm:") :]
         try:
             import timm
         except ImportError:
             raise ExportError("--base timm:... needs timm; pip install timm") from None
         if not name or any(c in name for c in "/\\:"):
-            raise ExportError(f"--base {spec}: give a timm architecture name (e.g. timm:vit_base_patch16_224); "
-                              "weights come from --checkpoint, never from a download")
+            raise ExportError(
+                f"--base {spec}: give a timm architecture name (e.g. timm:vit_base_patch16_224); "
+                "weights come from --checkpoint, never from a download"
+            )
         if checkpoint is None:
-            raise ExportError(f"--base {spec} needs --checkpoint FILE (the base weights, a local safetensors or "
-                              "torch file): doran never downloads, and random weights are no base")
+            raise ExportError(
+                f"--base {spec} needs --checkpoint FILE (the base weights, a local safetensors or "
+                "torch file): doran never downloads, and random weights are no base"
+            )
         try:
             model = timm.create_model(name, pretrained=False, **(base_kwargs or {}))
         except Exception as err:  # unknown name, bad kwargs: several exception types
-            raise ExportError(f"timm.create_model({name!r}, **{base_kwargs or {}}) fails: {err}; check the name "
-                              "and --base-kwargs") from err
+            raise ExportError(
+                f"timm.create_model({name!r}, **{base_kwargs or {}}) fails: {err}; check the name "
+                "and --base-kwargs"
+            ) from err
         state = _read_checkpoint(Path(checkpoint))
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                  if k in own and tuple(own[k].shape) != tuple(v.shape)]
+        shapes = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and tuple(own[k].shape) != tuple(v.shape)
+        ]
         if missing or unexpected or shapes:
-            raise ExportError(f"--checkpoint {checkpoint} does not fit timm:{name} with --base-kwargs "
-                              f"{json.dumps(base_kwargs or {})}: missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}, other shapes (file vs model) {shapes[:2]}; give the "
-                              "--base-kwargs the model was built with")
+            raise ExportError(
+                f"--checkpoint {checkpoint} does not fit timm:{name} with --base-kwargs "
+                f"{json.dumps(base_kwargs or {})}: missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}, other shapes (file vs model) {shapes[:2]}; give the "
+                "--base-kwargs the model was built with"
+            )
         model.load_state_dict(state)
         return model.eval()
     if base_kwargs:
-        raise ExportError("--base-kwargs is for --base timm:<name>; a from_pretrained folder holds its config")
+        raise ExportError(
+            "--base-kwargs is for --base timm:<name>; a from_pretrained folder holds its config"
+        )
     if checkpoint is not None:
-        raise ExportError("--checkpoint is for --base timm:<name>; a from_pretrained folder holds its weights")
+        raise ExportError(
+            "--checkpoint is for --base timm:<name>; a from_pretrained folder holds its weights"
+        )
     folder = Path(spec)
     if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise ExportError(f"--base {spec} is not a local from_pretrained folder (with config.json) nor "
-                          "timm:<name>; doran never downloads: save the base with model.save_pretrained(DIR) "
-                          "and give DIR")
+        raise ExportError(
+            f"--base {spec} is not a local from_pretrained folder (with config.json) nor "
+            "timm:<name>; doran never downloads: save the base with model.save_pretrained(DIR) "
+            "and give DIR"
+        )
     try:
         import transformers
     except ImportError:
@@ -881,11 +1019,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m doran.export",
         description="Export a doran adapter file as a PEFT adapter folder (LoRA, DoRA) or as a merged model "
-                    "(every method) that loads without doran.")
+        "(every method) that loads without doran.",
+    )
     parser.add_argument("adapter", help="adapter file written by doran.save_adapter")
     parser.add_argument("--to", choices=("peft", "merged"), required=True)
-    parser.add_argument("--base", required=True,
-                        help="local from_pretrained folder, or timm:<name> (with --checkpoint)")
+    parser.add_argument(
+        "--base", required=True, help="local from_pretrained folder, or timm:<name> (with --checkpoint)"
+    )
     parser.add_argument("--base-kwargs", default=None, help="JSON object of timm.create_model arguments")
     parser.add_argument("--checkpoint", default=None, help="local weights file of a timm base")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
@@ -897,7 +1037,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 kwargs = json.loads(args.base_kwargs)
             except ValueError as err:
-                raise ExportError(f"--base-kwargs is not valid JSON ({err}); e.g. '{{\"num_classes\": 10}}'") from err
+                raise ExportError(
+                    f"--base-kwargs is not valid JSON ({err}); e.g. '{{\"num_classes\": 10}}'"
+                ) from err
             if not isinstance(kwargs, dict):
                 raise ExportError("--base-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
         _, cfg, _ = doran.read_adapter(args.adapter)  # a corrupt file fails here, before any model loads
@@ -914,11 +1056,15 @@ def main(argv: list[str] | None = None) -> int:
                 out = export_peft(model, args.out, base_model_name_or_path=args.base)
                 how = "peft.PeftModel.from_pretrained(base, DIR)"
             else:
-                timm_name = args.base[len("timm:"):] if args.base.startswith("timm:") else None
-                out = export_merged(model, args.out, timm_architecture=timm_name,
-                                    timm_kwargs=kwargs if timm_name else None)
-                how = (f"timm.create_model('local-dir:{out}', pretrained=True)" if timm_name
-                       else "AutoModel...from_pretrained(DIR)")
+                timm_name = args.base[len("timm:") :] if args.base.startswith("timm:") else None
+                out = export_merged(
+                    model, args.out, timm_architecture=timm_name, timm_kwargs=kwargs if timm_name else None
+                )
+                how = (
+                    f"timm.create_model('local-dir:{out}', pretrained=True)"
+                    if timm_name
+                    else "AutoModel...from_pretrained(DIR)"
+                )
         for w in caught:
             if issubclass(w.category, ExportWarning):
                 print(f"note: {w.message}", file=sys.stderr)
