@@ -73,9 +73,9 @@ METHOD_NAMES = {
     "prediag": "Pre-Diag",
     "sora": "SORA",
 }
-# init_lora_weights values that only choose the initial A, B (safe to import); PiSSA, OLoRA, LoftQ, CorDA ...
-# also rewrite the base weights, which a plain base model does not have.
-_PLAIN_INITS = (True, False, "gaussian", "true", "false")
+# init_lora_weights values that only choose the initial A, B (safe to import); PiSSA, OLoRA, LoftQ, CorDA,
+# LoRA-GA ... may also rewrite the base weights, which a plain base model does not have.
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 
 
 class ExportError(doran.DoranError):
@@ -169,7 +169,13 @@ class _Proj:
 
     @property
     def partial(self) -> bool:
+        """Adapted by row slices (a fused qkv), not as one whole Linear."""
         return list(self.slices) != ["all"]
+
+    @property
+    def uncovered(self) -> bool:
+        """Some output rows have no adapter (the k third of a fused qkv)."""
+        return sum(b - a for a, b in self.slices.values()) != self.shape[0]
 
 
 @dataclass
@@ -200,13 +206,15 @@ def _from_model(model: nn.Module) -> _Adapter:
                 f"{name} is merged; call doran.unmerge(model) before export_peft (PEFT needs the "
                 "base weights apart from the adapter)"
             )
-        proj = _Proj(name, tuple(layer.weight.shape), {}, weight=layer.weight.detach().to("cpu"))
+        proj = _Proj(name, tuple(layer.weight.shape), {})
         for key, ad in sorted(layer.doran.items(), key=lambda kv: kv[1].start):
             proj.slices[key] = (ad.start, ad.stop)
             A, B = ad.factors()
             proj.A[key], proj.B[key] = _cpu(A), _cpu(B)
             if cfg.magnitude:
                 proj.m[key] = _cpu(ad.magnitude)
+        if cfg.magnitude and proj.uncovered:  # the other rows' magnitude is their base norm
+            proj.weight = layer.weight.detach().to("cpu")
         projs.append(proj)
     extra = _trainable_modules(model, [n for n, _ in adapted])
     cls = type(model)
@@ -264,7 +272,7 @@ def _from_file(path: str | os.PathLike, base_model: nn.Module | None) -> _Adapte
             for part, t in want.items():
                 getattr(proj, part)[key] = tensors[t]
                 used.add(t)
-        if cfg.magnitude and sum(b - a for a, b in proj.slices.values()) != proj.shape[0]:
+        if cfg.magnitude and proj.uncovered:
             raise ExportError(
                 f"{path}: DoRA on part of the rows of {name} (a fused qkv) needs the base "
                 "weights for the magnitude of the other rows; pass base_model= (or use the "
@@ -333,12 +341,15 @@ def _peft_tensors(proj: _Proj, cfg: doran.AdapterConfig) -> tuple[dict[str, torc
             B[a:b, i * r : (i + 1) * r] = proj.B[k]
         m = None
         if cfg.magnitude:
-            if proj.weight is None:
+            dtype = proj.m[keys[0]].dtype
+            if not proj.uncovered:
+                m = torch.empty(proj.shape[0], dtype=dtype)
+            elif proj.weight is None:
                 raise ExportError(
                     f"DoRA on part of the rows of {proj.name} needs the base weights; pass base_model="
                 )
-            # rows outside the slices: m = ||W0_row||, so PEFT's m / ||W0_row + 0|| is 1 there
-            m = torch.linalg.norm(proj.weight.to(proj.m[keys[0]].dtype), dim=1)
+            else:  # rows outside the slices: m = ||W0_row||, so PEFT's m / ||W0_row + 0|| is 1 there
+                m = torch.linalg.norm(proj.weight.to(dtype), dim=1)
             for k in keys:
                 a, b = proj.slices[k]
                 m[a:b] = proj.m[k]
@@ -604,6 +615,8 @@ def _read_peft_folder(peft_dir: Path) -> tuple[dict[str, Any], dict[str, torch.T
             tensors = torch.load(peft_dir / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
         except Exception as err:  # torch.load raises many types for a damaged pickle
             raise ExportError(f"{peft_dir / PEFT_WEIGHTS_BIN} cannot be read ({err})") from err
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ExportError(f"{peft_dir / PEFT_WEIGHTS_BIN} is no state dict of tensors")
     else:
         raise ExportError(f"no {PEFT_WEIGHTS} (or {PEFT_WEIGHTS_BIN}) in {peft_dir}")
     return config, tensors, meta
@@ -637,9 +650,9 @@ def _check_peft_config(config: dict[str, Any], where: Path) -> None:
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
         raise ExportError(
-            f"{where}: init_lora_weights={init!r} rewrites the base weights at creation, so the "
-            "adapter needs that rewritten base; convert it to plain LoRA with PEFT first "
-            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+            f"{where}: init_lora_weights={init!r} may rewrite the base weights at creation (PiSSA, OLoRA, "
+            "LoftQ, CorDA, LoRA-GA ...), so the adapter would need that rewritten base; convert it to a "
+            "plain LoRA with PEFT first (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
         )
 
 
@@ -1068,6 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
         for w in caught:
             if issubclass(w.category, ExportWarning):
                 print(f"note: {w.message}", file=sys.stderr)
+            else:  # other libraries' warnings, as they would have shown
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except doran.DoranError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
