@@ -1066,7 +1066,8 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ExportWarning)
             if args.to == "peft":
-                out = export_peft(model, args.out, base_model_name_or_path=args.base)
+                name_or_path = None if args.base.startswith("timm:") else args.base  # PEFT's field: HF only
+                out = export_peft(model, args.out, base_model_name_or_path=name_or_path)
                 how = "peft.PeftModel.from_pretrained(base, DIR)"
             else:
                 timm_name = args.base[len("timm:") :] if args.base.startswith("timm:") else None
