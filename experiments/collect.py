@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from experiments.sweep import RESULTS_DIR, SWEEPS, method_order, read_manifest
+from experiments.constants import RESULTS_DIR, SWEEP_FILE, SWEEPS, method_order, param_groups
+from experiments.runner import read_manifest
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
-PARAM_GROUPS = ("factors", "generator", "magnitude", "tau", "diag", "rotation", "other")
+PARAM_GROUPS = param_groups()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def _entries(folder: Path, include_all: bool) -> list[dict[str, Any]]:
     if include_all or not entries:
         known = {e["run_id"] for e in entries}
         for path in sorted(folder.glob("*.json")):
-            if path.name == "sweep.json" or path.name.endswith(".error.json") or path.stem in known:
+            if path.name == SWEEP_FILE or path.name.endswith(".error.json") or path.stem in known:
                 continue
             r = _read_json(path)
             if r and "run_id" in r:
@@ -564,7 +565,7 @@ def collect(
     folders = (
         [root / s for s in sweeps]
         if sweeps
-        else sorted(p for p in root.glob("*") if (p / "sweep.json").is_file())
+        else sorted(p for p in root.glob("*") if (p / SWEEP_FILE).is_file())
     )
     if not folders:
         raise FileNotFoundError(

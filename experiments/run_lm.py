@@ -6,16 +6,16 @@
         data.train_paths=[/data/commonsense_170k.json] data.test_paths=[/data/boolq/test.json] \
         train.devices=2 train.strategy=ddp
 
-Config: ``experiments/configs/lm_default.yaml``, then ``--config FILE`` merged over it, then ``key=value``
-overrides (as ``experiments.run``). Every path is checked before a model is loaded. Multi-GPU: ``train.devices``
-and ``train.strategy`` (``ddp``; ``fsdp`` for models that do not fit one GPU); the adapter is gathered into one
-file (``<out>/<run_id>/adapter.safetensors``) that loads on any number of devices, and evaluation runs on
-global rank 0. Exit status: 0 completed, 3 failed (NaN/inf loss, recorded), 2 bad input.
+Config (``experiments.config.LMRunConfig``): the schema's defaults, then ``--config FILE``, then ``key=value``
+overrides (as ``experiments.run``). Every path and every training and test record (fields, gold answers) is
+checked before a model is loaded. Multi-GPU: ``train.devices`` and ``train.strategy`` (``ddp``; ``fsdp`` for
+models that do not fit one GPU); the adapter is gathered into one file (``<out>/<run_id>/adapter.safetensors``)
+that loads on any number of devices, and evaluation runs on global rank 0. Exit status: 0 completed, 3 failed
+(NaN/inf loss, recorded), 2 bad input, 143 / 130 stopped by SIGTERM / Ctrl-C (the same command resumes).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -24,91 +24,16 @@ from pathlib import Path
 from typing import Any
 
 
-from experiments.run import ConfigError, _merge, _read_yaml, apply_overrides, cli, interruptible
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "lm_default.yaml"
-STRATEGIES = ("auto", "ddp", "fsdp", "ddp_spawn")
+from experiments.cli import cli, interruptible
+from experiments.config import LMRunConfig, load
 
 
-def load_config(
-    config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """lm_default.yaml, merged with ``config``, then ``overrides``; validated (no model is loaded)."""
-    defaults = cfg = _read_yaml(DEFAULT_CONFIG)
-    if config is not None and Path(config).resolve() != DEFAULT_CONFIG:
-        cfg = _merge(cfg, _read_yaml(config), source=f"{config}: ")
-    return resolve_config(apply_overrides(cfg, list(overrides), schema=defaults))
+def load_config(config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> LMRunConfig:
+    """The schema's defaults, ``config`` (a YAML file), then ``overrides``; validated (no data, no model)."""
+    return load(LMRunConfig, files=[config], overrides=list(overrides))
 
 
-def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check every value that can be checked without loading data or models."""
-    import doran
-    from doran import commonsense as cs
-    from doran.lm import RANDOM_LLAMA, SMOLLM2
-
-    cfg = copy.deepcopy(cfg)
-    m, d, t = cfg["model"], cfg["data"], cfg["train"]
-    cfg["method"] = method = str(cfg["method"]).lower()
-    if method not in doran.PRESETS:
-        raise ConfigError(f"unknown method {cfg['method']!r}; valid: {sorted(doran.PRESETS)}")
-    if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {cfg['seed']!r}")
-    if not isinstance(cfg["fraction"], (int, float)) or not 0 < cfg["fraction"] <= 1:
-        raise ConfigError(f"fraction must lie in (0, 1], got {cfg['fraction']!r}")
-    cfg["fraction"] = float(cfg["fraction"])
-    try:
-        from doran.compiling import check_compile
-
-        check_compile(cfg["runtime"]["compile"])
-    except ValueError as err:
-        raise ConfigError(f"runtime.compile: {err}") from None
-    try:
-        doran.AdapterConfig.preset(method, **cfg["adapter"])
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"adapter: {err}") from None
-    if m["name"] not in (RANDOM_LLAMA, SMOLLM2):
-        folder = Path(m["name"])
-        if not folder.is_dir():
-            raise ConfigError(
-                f"model.name={m['name']!r}: no such folder; expected a from_pretrained folder "
-                "(config.json, *.safetensors, tokenizer files) or a folder holding model.gguf_file; "
-                f"or {SMOLLM2!r} / {RANDOM_LLAMA!r}"
-            )
-        if m["gguf_file"] is None and not (folder / "config.json").is_file():
-            raise ConfigError(
-                f"model.name={m['name']!r} has no config.json; a GGUF checkpoint needs "
-                "model.gguf_file=<file>.gguf"
-            )
-    if m["dtype"] not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {m['dtype']!r}")
-    for key in ("train_paths", "test_paths"):
-        if isinstance(d[key], str):
-            d[key] = [d[key]]
-        for path in d[key]:
-            if not Path(path).is_file():
-                raise ConfigError(
-                    f"data.{key}: {path} does not exist; expected a JSON list of records "
-                    "{instruction, input, output, answer} (the commonsense-170k format)"
-                )
-    for path in d["test_paths"]:
-        try:
-            cs.task_of(path)
-        except cs.CommonsenseDataError as err:
-            raise ConfigError(str(err)) from None
-    if not d["train_paths"] and d["synthetic"] is None:
-        raise ConfigError("no training data: set data.train_paths=[...] (commonsense JSON) or data.synthetic")
-    if t["strategy"] not in STRATEGIES:
-        raise ConfigError(f"train.strategy must be one of {STRATEGIES}, got {t['strategy']!r}")
-    for key in ("epochs", "batch_size", "accumulate", "devices"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            raise ConfigError(f"train.{key} must be an integer >= 1, got {t[key]!r}")
-    if not t["lr"] > 0:
-        raise ConfigError(f"train.lr must be > 0, got {t['lr']!r}")
-    return cfg
-
-
-def _strategy(name: str, devices: int, model_cfg: dict[str, Any]):
+def _strategy(name: str, devices: int):
     """Lightning strategy object for ``train.strategy``."""
     if name != "fsdp":
         return "auto" if name == "auto" and devices == 1 else ("ddp" if name == "auto" else name)
@@ -125,7 +50,7 @@ def _strategy(name: str, devices: int, model_cfg: dict[str, Any]):
     )
 
 
-def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
+def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
     """Train and evaluate ``cfg`` (see ``load_config``); write the result on global rank 0 and return it."""
     import lightning.pytorch as pl
     import torch
@@ -142,93 +67,92 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     from doran.training import default_callbacks, derive_seed, resolve_precision, seed_everything
 
     t_start = time.perf_counter()
-    rt, m, d, t, ev = cfg["runtime"], cfg["model"], cfg["data"], cfg["train"], cfg["eval"]
+    rt, m, d, t, ev = cfg.runtime, cfg.model, cfg.data, cfg.train, cfg.eval
     from doran import commonsense as cs
 
     # every training and test record is read and checked before any model loads
-    record_counts = cs.validate_files(d["train_paths"], d["test_paths"])
+    record_counts = cs.validate_files(d.train_paths, d.test_paths)
     data_sha256 = data_identity(cfg)
-    run_id = results.make_run_id(cfg, data_sha256)
-    out = Path(cfg["out"])
+    run_id = results.make_run_id(cfg.to_dict(), data_sha256)
+    out = Path(cfg.out)
     result_path, run_dir = out / f"{run_id}.json", out / run_id
-    if result_path.exists() and not rt["force"]:
+    if result_path.exists() and not rt.force:
         if verbose:
             print(f"[run_lm] {result_path} exists, skipping (runtime.force=true re-runs it)")
         return results.read_result(result_path)
-    if rt["threads"]:
-        torch.set_num_threads(int(rt["threads"]))
+    if rt.threads:
+        torch.set_num_threads(int(rt.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    seed_everything(cfg["seed"])
+    seed_everything(cfg.seed)
     module = CausalLMModule(
-        lm={k: m[k] for k in ("name", "gguf_file", "tokenizer", "dtype", "kwargs")},
-        method=cfg["method"],
-        adapter=cfg["adapter"],
-        lr=t["lr"],
-        weight_decay=t["weight_decay"],
-        warmup_steps=t["warmup_steps"],
-        gradient_checkpointing=t["gradient_checkpointing"],
-        seed=cfg["seed"],
-        compile=rt["compile"],
+        lm={k: getattr(m, k) for k in ("name", "gguf_file", "tokenizer", "dtype", "kwargs")},
+        method=cfg.method,
+        adapter=cfg.adapter,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=cfg.seed,
+        compile=rt.compile,
     )
     data = CommonsenseData(
         module.tokenizer,
-        train_paths=d["train_paths"],
-        val_size=d["val_size"],
-        cutoff=d["cutoff"],
-        batch_size=t["batch_size"],
-        eval_batch_size=ev["batch_size"],
-        fraction=cfg["fraction"],
-        seed=cfg["seed"],
-        synthetic=d["synthetic"],
-        num_workers=d["num_workers"],
+        train_paths=d.train_paths,
+        val_size=d.val_size,
+        cutoff=d.cutoff,
+        batch_size=t.batch_size,
+        eval_batch_size=ev.batch_size,
+        fraction=cfg.fraction,
+        seed=cfg.seed,
+        synthetic=d.synthetic,
+        num_workers=d.num_workers,
     )
 
-    diag = cfg["diagnostics"]
+    diag = cfg.diagnostics
     cbs = default_callbacks(
-        run_dir, diag["every_n_steps"], diag["max_grad_records"], rt["ckpt_every_n_steps"]
+        run_dir, diag.every_n_steps, diag.max_grad_records, rt.ckpt_every_n_steps
     )
     cbs.pop("history")  # classification curves; the LM records step losses below
-    if t["strategy"] == "fsdp":
+    if t.strategy == "fsdp":
         from doran.lm import fsdp_safe
         from doran.training import MagnitudeRecorder, TauRecorder
 
-        cbs["tau"] = fsdp_safe(TauRecorder)(diag["every_n_steps"])
-        cbs["magnitude"] = fsdp_safe(MagnitudeRecorder)(diag["every_n_steps"])
+        cbs["tau"] = fsdp_safe(TauRecorder)(diag.every_n_steps)
+        cbs["magnitude"] = fsdp_safe(MagnitudeRecorder)(diag.every_n_steps)
         cbs.pop("grad_norm")  # gradients are sharded; per-group norms would need a reduction across ranks
     steps = StepLossRecorder()
-    progress = rt["progress_bar"]
-    progress = sys.stderr.isatty() if progress == "auto" else bool(progress)
-    precision = resolve_precision(t["precision"])
+    progress = sys.stderr.isatty() if rt.progress_bar == "auto" else rt.progress_bar in (True, "true", "on")
+    precision = resolve_precision(t.precision)
     trainer = pl.Trainer(
-        max_epochs=t["epochs"],
-        max_steps=t["max_steps"],
+        max_epochs=t.epochs,
+        max_steps=t.max_steps,
         precision=precision,
-        accelerator=t["accelerator"],
-        devices=t["devices"],
-        strategy=_strategy(t["strategy"], t["devices"], m),
-        accumulate_grad_batches=t["accumulate"],
-        gradient_clip_val=t["grad_clip"],
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=_strategy(t.strategy, t.devices),
+        accumulate_grad_batches=t.accumulate,
+        gradient_clip_val=t.grad_clip,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        val_check_interval=t["val_every_n_steps"],
+        val_check_interval=t.val_every_n_steps,
         use_distributed_sampler=False,  # CommonsenseData shards the seeded order itself (SeededSampler)
         callbacks=[steps, *[c for k, c in cbs.items() if k != "checkpoint"], cbs["checkpoint"]],
     )
     ckpt = cbs["checkpoint"].last
-    seed_everything(derive_seed(cfg["seed"], "train"))
+    seed_everything(derive_seed(cfg.seed, "train"))
     if verbose and trainer.is_global_zero:
         print(
-            f"[run_lm] {run_id}: {cfg['method']} on {m['name']}, {precision}, {t['devices']} device(s), "
-            f"strategy {t['strategy']}"
+            f"[run_lm] {run_id}: {cfg.method} on {m.name}, {precision}, {t.devices} device(s), "
+            f"strategy {t.strategy}"
         )
         doran.print_trainable_parameters(module.model)
     t_fit = time.perf_counter()
-    if t["max_steps"] != 0:  # train.max_steps=0 evaluates the base model: every preset is the identity at step 0
-        with interruptible(trainer, ckpt, "python -m experiments.run_lm"):
+    if t.max_steps != 0:  # train.max_steps=0 evaluates the base model: every preset is the identity at step 0
+        with interruptible(trainer, ckpt):
             trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt.is_file() else None)
     else:
         data.setup("fit")
@@ -240,7 +164,7 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
         path = save_trained_adapter(trainer, module, run_dir / "adapter.safetensors")
         if path is not None:
             artifacts["adapter"] = str(path)
-        if rt["save_rank_adapters"]:
+        if rt.save_rank_adapters:
             doran.save_adapter(module.model, run_dir / f"adapter.rank{trainer.global_rank}.safetensors")
     if not trainer.is_global_zero:
         return {}
@@ -249,24 +173,24 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     val = trainer.callback_metrics.get("val/loss")
     metrics["val/loss"] = None if val is None else float(val)
     evaluation = None
-    if failure is None and d["test_paths"] and ev["limit"] != 0:
+    if failure is None and d.test_paths and ev.limit != 0:
         model = module.model
-        if t["strategy"] == "fsdp":  # evaluate a plain copy holding the gathered adapter
+        if t.strategy == "fsdp":  # evaluate a plain copy holding the gathered adapter
             from doran.lm import build_causal_lm
 
             model, _ = build_causal_lm(
-                **{k: m[k] for k in ("name", "gguf_file", "tokenizer", "dtype", "kwargs")}
+                **{k: getattr(m, k) for k in ("name", "gguf_file", "tokenizer", "dtype", "kwargs")}
             )
             doran.load_adapter(model, artifacts["adapter"])
             model.to(module.device)
         evaluation = evaluate_tasks(
             model,
             module.tokenizer,
-            d["test_paths"],
-            batch_size=ev["batch_size"],
-            max_new_tokens=ev["max_new_tokens"],
-            num_beams=ev["num_beams"],
-            limit=ev["limit"],
+            d.test_paths,
+            batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens,
+            num_beams=ev.num_beams,
+            limit=ev.limit,
             progress=progress,
         )
         metrics["test/acc"] = evaluation["average"]
@@ -276,10 +200,10 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
         "run_id": run_id,
         "status": "failed" if failure else "completed",
         "failure": failure,
-        "method": cfg["method"],
-        "seed": cfg["seed"],
-        "fraction": cfg["fraction"],
-        "config": cfg,
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "fraction": cfg.fraction,
+        "config": cfg.to_dict(),
         "adapter_config": module.adapter_config.to_dict(),
         "metrics": metrics,
         "evaluation": evaluation,
@@ -289,9 +213,9 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
         "grad_norm": cbs["grad_norm"].columns if "grad_norm" in cbs else None,
         "params": doran.trainable_parameter_counts(module.model),
         "data": {
-            "train_paths": d["train_paths"],
-            "test_paths": d["test_paths"],
-            "synthetic": d["synthetic"],
+            "train_paths": d.train_paths,
+            "test_paths": d.test_paths,
+            "synthetic": d.synthetic,
             "sha256": data_sha256,
             "records": record_counts,
             "sizes": {"train": len(data.train_set), "val": len(data.val_set)},
@@ -305,15 +229,15 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
         "device": {
             **results.device_info(),
             "precision": precision,
-            "devices": t["devices"],
-            "strategy": t["strategy"],
-            "compile": module.runner.mode if module._runner else rt["compile"],
+            "devices": t.devices,
+            "strategy": t.strategy,
+            "compile": module.runner.mode if module._runner else rt.compile,
         },
         "env": results.environment(),
         "artifacts": artifacts,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    results.write_result(result, result_path, run_dir, rt["keep_checkpoints"])
+    results.write_result(result, result_path, run_dir, rt.keep_checkpoints)
     if verbose:
         acc = metrics.get("test/acc")
         print(
@@ -327,24 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     from doran.commonsense import CommonsenseDataError
     from doran.lm import ModelFilesError
 
-    return cli(argv, "python -m experiments.run_lm", __doc__, DEFAULT_CONFIG, load_config, run,
-               (CommonsenseDataError, ModelFilesError), identify=run_id_of)
+    return cli(argv, "python -m experiments.run_lm", __doc__, load_config, run, run_id_of,
+               (CommonsenseDataError, ModelFilesError))
 
 
-def data_identity(cfg: dict[str, Any]) -> str:
+def data_identity(cfg: LMRunConfig) -> str:
     """sha256 of the run's data: the bytes of its training and test files (the synthetic task is config)."""
     from doran.results import files_sha256
 
-    return files_sha256([*cfg["data"]["train_paths"], *cfg["data"]["test_paths"]])
+    return files_sha256([*cfg.data.train_paths, *cfg.data.test_paths])
 
 
-def run_id_of(cfg: dict[str, Any]) -> str:
-    """The run_id of the resolved config: its config and the content of its data files."""
+def run_id_of(cfg: LMRunConfig) -> str:
+    """The run_id of the resolved config: its config and the content of its data files (checked first)."""
     from doran import commonsense as cs
     from doran.results import make_run_id
 
-    cs.validate_files(cfg["data"]["train_paths"], cfg["data"]["test_paths"])
-    return make_run_id(cfg, data_identity(cfg))
+    cs.validate_files(cfg.data.train_paths, cfg.data.test_paths)
+    return make_run_id(cfg.to_dict(), data_identity(cfg))
 
 
 if __name__ == "__main__":

@@ -36,21 +36,9 @@ from typing import Any
 
 import yaml
 
-from experiments.sweep import (
-    REPO,
-    RESULTS_DIR,
-    SWEEP_DIR,
-    TUNED_DIR,
-    Profile,
-    SweepError,
-    _override,
-    all_methods,
-    load_profile,
-    profile_base,
-    run_config,
-    tuned_path,
-    use_local_assets,
-)
+from experiments.assets import use_local_assets
+from experiments.constants import REPO, RESULTS_DIR, SWEEP_DIR, TUNED_DIR, all_methods
+from experiments.grid import Profile, SweepError, load_profile, point_config, point_run_id, tuned_path
 
 SPACE_FILE = SWEEP_DIR / "tune.yaml"
 
@@ -149,26 +137,17 @@ def make_objective(
     import optuna
 
     from experiments.run import run
-    from experiments.sweep import point_run_id
 
     tune = profile.tune
     fraction, seeds = float(tune.get("fraction", 1.0)), list(tune.get("seeds", [100]))
     out = Path(results_dir) / profile.name / "tune" / method
-    base = profile_base(profile)
 
     def objective(trial: optuna.Trial) -> float:
         values = suggest(trial, space, method)
         scores = []
         for i, seed in enumerate(seeds):
-            overrides = [
-                *(_override(k, v) for k, v in values.items()),
-                *extra,
-                f"method={method}",
-                f"seed={seed}",
-                f"fraction={fraction!r}",
-                f"out={out}",
-            ]
-            cfg, _ = run_config(profile, overrides, base)
+            coords = {"method": method, "seed": seed, "fraction": fraction, "out": str(out)}
+            cfg = point_config(profile, values, coords, extra=extra)
             run_id = point_run_id(cfg)
             trial.set_user_attr(f"run_id_{seed}", run_id)
             callbacks = [_pruning_callback(trial)] if i == 0 else []
@@ -253,7 +232,7 @@ def tune_method(
     """
     import optuna
 
-    from experiments.sweep import _quiet
+    from experiments.runner import _quiet
 
     _quiet()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -426,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     from doran.data import DataError
-    from experiments.run import ConfigError
+    from doran.config import ConfigError
 
     try:
         use_local_assets(args.model_dir, args.data_file)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from doran.config import ConfigError
 from doran.data import DataError, DataWarning, load_splits, read_text_table
 from experiments import run as run_mod
 from experiments import run_lm
@@ -122,7 +123,7 @@ def test_lm_smoke_can_turn_its_synthetic_data_off(capsys, no_model):
 def test_a_data_path_without_a_kind_is_read_as_a_table(tmp_path):
     csv = _balanced(tmp_path / "my.csv")
     cfg = run_mod.load_config(None, _tiny(tmp_path, f"data.path={csv}"))
-    assert cfg["data"]["kind"] == "table"
+    assert cfg.data.kind == "table"
     splits, _ = run_mod.read_data(cfg)
     assert splits.description.startswith(str(csv)) and sum(splits.sizes().values()) == 40
 
@@ -301,22 +302,22 @@ def test_unknown_keys_say_did_you_mean(capsys, override, suggestion):
 def test_unknown_key_in_a_config_file_says_did_you_mean(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  learning_rate: 0.1\n")
-    with pytest.raises(run_mod.ConfigError, match=r"unknown key 'train\.learning_rate' \(did you mean"):
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.learning_rate' \(did you mean"):
         run_mod.load_config(bad)
 
 
 def test_a_cpu_sweep_says_its_estimated_time_before_it_starts(monkeypatch):
-    from experiments import sweep
+    from experiments import grid, progress
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    profile = sweep.load_profile("smoke")
-    points = sweep.build_grid(sweep.load_sweep("sample_efficiency", profile), profile, tuned_dir=None, seeds=[0],
-                              variants=["lora"], fractions=[0.05])
-    line = sweep.estimate(points, jobs=1)
+    profile = grid.load_profile("smoke")
+    points = grid.build_grid(grid.load_sweep("sample_efficiency", profile), profile, tuned_dir=None, seeds=[0],
+                             variants=["lora"], fractions=[0.05])
+    line = progress.estimate(points, jobs=1)
     assert line.startswith("[sweep] estimate: 1 runs to do, about ") and "s per optimizer step of lora" in line
     assert "warning" not in line
-    monkeypatch.setattr(sweep, "measure_step", lambda cfg, steps=3: 100.0)  # a slow CPU: over an hour
-    assert "[sweep] warning: that is long for a CPU" in sweep.estimate(points, jobs=1)
+    monkeypatch.setattr(progress, "measure_step", lambda cfg, steps=3: 100.0)  # a slow CPU: over an hour
+    assert "[sweep] warning: that is long for a CPU" in progress.estimate(points, jobs=1)
 
 
 def test_make_figures_regenerates_every_committed_figure_from_saved_results(tmp_path):

@@ -15,7 +15,8 @@ import pytest
 from safetensors.torch import load_file
 
 from doran import results
-from experiments.run import ConfigError, load_config, main, run, run_id_of
+from doran.config import ConfigError
+from experiments.run import load_config, main, run, run_id_of
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "experiments" / "configs" / "smoke.yaml")
@@ -110,20 +111,20 @@ def test_overrides_are_typed_and_unique_leaf_names_resolve():
             "model.kwargs={hidden_size: 64}",
         ],
     )
-    assert cfg["train"]["lr"] == 1e-3 and isinstance(cfg["train"]["lr"], float)
-    assert cfg["train"]["warmup_ratio"] == 0.1 and cfg["seed"] == 3 and cfg["fraction"] == 0.5
-    assert cfg["method"] == "dora" and cfg["adapter"]["targets"] == ["query", "value"]
-    assert cfg["model"]["kwargs"] == {"hidden_size": 64}
-    assert cfg["model"]["trainable"] == ["classifier"] and cfg["model"]["head"] == "classifier"
-    assert load_config(None, ["adapter.targets=qkv", "model.kind=image", "data.kind=vtab"])["adapter"][
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.train.warmup_ratio == 0.1 and cfg.seed == 3 and cfg.fraction == 0.5
+    assert cfg.method == "dora" and cfg.adapter["targets"] == ["query", "value"]
+    assert cfg.model.kwargs == {"hidden_size": 64}
+    assert cfg.model.trainable == ["classifier"] and cfg.model.head == "classifier"
+    assert load_config(None, ["adapter.targets=qkv", "model.kind=image", "data.kind=vtab"]).adapter[
         "targets"
     ] == ["qkv"]
 
 
 def test_smoke_profile_is_merged_over_the_defaults():
     cfg = load_config(SMOKE)
-    assert cfg["train"]["epochs"] == 2 and cfg["fraction"] == 0.05 and cfg["train"]["lr"] == 3e-3
-    assert cfg["train"]["weight_decay"] == 0.01  # from default.yaml
+    assert cfg.train.epochs == 2 and cfg.fraction == 0.05 and cfg.train.lr == 3e-3
+    assert cfg.train.weight_decay == 0.01  # the schema's default
 
 
 @pytest.mark.parametrize(
@@ -155,13 +156,13 @@ def test_unknown_key_in_a_config_file(tmp_path):
 
 
 def test_run_id_follows_the_computation_not_the_runtime():
-    a = results.make_run_id(load_config(None, ["method=lora", "seed=1", "fraction=0.1"]))
+    a = results.make_run_id(load_config(None, ["method=lora", "seed=1", "fraction=0.1"]).to_dict())
     b = results.make_run_id(
         load_config(
             None, ["method=lora", "seed=1", "fraction=0.1", "runtime.threads=1", "out=experiments/results/elsewhere"]
-        )
+        ).to_dict()
     )
-    c = results.make_run_id(load_config(None, ["method=lora", "seed=1", "fraction=0.1", "train.lr=5e-4"]))
+    c = results.make_run_id(load_config(None, ["method=lora", "seed=1", "fraction=0.1", "train.lr=5e-4"]).to_dict())
     assert a == b != c and a.startswith("lora-s1-f0.1-")
 
 
@@ -227,11 +228,11 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
 
     cfg = load_config(None, tiny_text(tmp_path / "b", *args))
     run_id = run_id_of(cfg)
-    result_path = Path(cfg["out"]) / f"{run_id}.json"
+    result_path = Path(cfg.out) / f"{run_id}.json"
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(cfg, callbacks=[Kill()], verbose=False)
     assert not result_path.exists()
-    ckpt = Path(cfg["out"]) / run_id / "checkpoints" / "last.ckpt"
+    ckpt = Path(cfg.out) / run_id / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     resumed = run(cfg, verbose=False)
     assert resumed["resumed_from_step"] == 5 and resumed["steps"] == straight["steps"] == 10  # 5 per epoch
@@ -259,7 +260,7 @@ def test_a_nan_loss_writes_a_failed_result_with_step_and_cause(tmp_path):
     r = run(cfg, callbacks=[Poison()], verbose=False)
     assert r["status"] == "failed" and r["failure"]["step"] == 2 and "nan" in r["failure"]["cause"]
     assert "test/acc" not in r["metrics"] and r["curves"]["epochs"]["epoch"] == [0]
-    assert results.read_result(Path(cfg["out"]) / f"{r['run_id']}.json")["status"] == "failed"
+    assert results.read_result(Path(cfg.out) / f"{r['run_id']}.json")["status"] == "failed"
 
 
 @pytest.mark.slow

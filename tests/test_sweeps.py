@@ -13,7 +13,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from experiments import collect, plots, sweep, tune
+from doran.data import stratified_subset
+from experiments import collect, grid, plots, runner, sweep, tune
+from experiments.constants import PROFILE_DIR, all_methods
+from experiments.run import protocol_epochs
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_SWEEPS = ("sample_efficiency", "ablation_tau", "ablation_hypernet")
@@ -52,28 +55,32 @@ def smoke(tmp_path_factory):
 
 # ----------------------------------------------------------------------------------------------- grids
 def test_protocol_gives_small_fractions_at_least_min_steps():
-    assert sweep.protocol_epochs(3, 150, n_train=103, batch_size=32) == 38  # 4 steps/epoch
-    assert sweep.protocol_epochs(3, 150, n_train=1021, batch_size=32) == 5
-    assert sweep.protocol_epochs(3, 150, n_train=10202, batch_size=32) == 3
-    assert sweep.protocol_epochs(3, 0, n_train=103, batch_size=32) == 3
+    assert protocol_epochs(3, 150, n_train=103, batch_size=32) == 38  # 4 steps/epoch
+    assert protocol_epochs(3, 150, n_train=1021, batch_size=32) == 5
+    assert protocol_epochs(3, 150, n_train=10202, batch_size=32) == 3
+    assert protocol_epochs(3, 0, n_train=103, batch_size=32) == 3
 
 
 def test_default_profile_grid_follows_the_written_protocol():
-    profile = sweep.load_profile("default")
-    points = sweep.build_grid(
-        sweep.load_sweep("sample_efficiency", profile), profile, tuned_dir=None, seeds=[0]
+    profile = grid.load_profile("default")
+    points = grid.build_grid(
+        grid.load_sweep("sample_efficiency", profile), profile, tuned_dir=None, seeds=[0]
     )
-    epochs = {p.fraction: p.cfg["train"]["epochs"] for p in points}
-    assert epochs == {0.01: 38, 0.1: 5, 1.0: 3}
+    sizes = {p.fraction: len(stratified_subset(grid.data_of(p.cfg)[0].train.labels, p.fraction, p.seed))
+             for p in points}
+    epochs = {f: protocol_epochs(points[0].cfg.train.epochs, points[0].cfg.train.min_steps, n, 32)
+              for f, n in sizes.items()}
+    assert sizes == {0.01: 103, 0.1: 1021, 1.0: 10202}
+    assert epochs == {0.01: 38, 0.1: 5, 1.0: 3}  # the run computes its length from its subset
     assert {p.method for p in points} >= {"lora", "dora", "doran"}
     assert len({p.run_id for p in points}) == len(points)
 
 
 def test_every_profile_and_sweep_file_loads():
-    for path in sweep.PROFILE_DIR.glob("*.yaml"):
-        profile = sweep.load_profile(path.stem)
+    for path in PROFILE_DIR.glob("*.yaml"):
+        profile = grid.load_profile(path.stem)
         for name in SMOKE_SWEEPS:
-            spec = sweep.load_sweep(name, profile)
+            spec = grid.load_sweep(name, profile)
             assert spec.variants and spec.seeds and spec.fractions
     assert tune.load_space("default")["alpha_over_r"] == 2
 
@@ -91,12 +98,12 @@ def test_unknown_sweep_and_variant_are_errors_naming_the_choices(capsys):
 
 
 def test_tuned_files_are_merged_per_method_and_recorded(tmp_path):
-    path = sweep.tuned_path("smoke", "lora", tmp_path)
+    path = grid.tuned_path("smoke", "lora", tmp_path)
     path.parent.mkdir(parents=True)
     path.write_text("overrides: {train.lr: 0.0042, adapter.r: 2, adapter.alpha: 4.0}\n")
-    profile = sweep.load_profile("smoke")
-    points = sweep.build_grid(
-        sweep.load_sweep("sample_efficiency", profile),
+    profile = grid.load_profile("smoke")
+    points = grid.build_grid(
+        grid.load_sweep("sample_efficiency", profile),
         profile,
         tuned_dir=tmp_path,
         seeds=[0],
@@ -105,32 +112,32 @@ def test_tuned_files_are_merged_per_method_and_recorded(tmp_path):
     lora = next(p for p in points if p.method == "lora")
     dora = next(p for p in points if p.method == "dora")
     assert (
-        lora.cfg["train"]["lr"] == 0.0042
-        and lora.cfg["adapter"]["r"] == 2
+        lora.cfg.train.lr == 0.0042
+        and lora.cfg.adapter["r"] == 2
         and lora.tuned.endswith("lora.yaml")
     )
-    assert dora.cfg["train"]["lr"] == 3e-3 and dora.tuned is None
+    assert dora.cfg.train.lr == 3e-3 and dora.tuned is None
 
 
 # ----------------------------------------------------------------------------------------------- make targets
 def test_tune_writes_one_tuned_file_per_method_with_the_same_budget(smoke):
     files = sorted(smoke["tuned"].glob("*.yaml"))
-    assert [f.stem for f in files] == sorted(sweep.all_methods())
+    assert [f.stem for f in files] == sorted(all_methods())
     for f in files:
         doc = yaml.safe_load(f.read_text())
         assert doc["trials"]["complete"] + doc["trials"]["pruned"] == 2
         assert doc["overrides"]["adapter.alpha"] == 2 * doc["overrides"]["adapter.r"]
         assert ("adapter.tau_init" in doc["overrides"]) == (f.stem == "doran")
     trials = pd.read_csv(smoke["results"] / "tune" / "trials.csv")
-    assert set(trials["method"]) == set(sweep.all_methods())
+    assert set(trials["method"]) == set(all_methods())
 
 
 def test_every_sweep_writes_one_result_per_grid_point_using_the_tuned_values(smoke):
-    profile = sweep.load_profile("smoke")
+    profile = grid.load_profile("smoke")
     for name in SMOKE_SWEEPS:
         folder = smoke["results"] / name
-        manifest = sweep.read_manifest(folder)
-        spec = sweep.load_sweep(name, profile)
+        manifest = runner.read_manifest(folder)
+        spec = grid.load_sweep(name, profile)
         assert len(manifest["entries"]) == len(spec.variants) * len(spec.seeds) * len(spec.fractions)
         done = _results(folder)
         assert {e["run_id"] for e in manifest["entries"].values()} == set(done)
@@ -244,8 +251,8 @@ def test_an_interrupted_sweep_resumes_to_the_same_files(tmp_path, monkeypatch):
         assert a[run_id]["metrics"]["test/acc"] == b[run_id]["metrics"]["test/acc"]
         assert a[run_id]["metrics"]["test/loss"] == pytest.approx(b[run_id]["metrics"]["test/loss"], rel=1e-6)
     assert (
-        sweep.read_manifest(tmp_path / "a" / "smoke" / "ablation_hypernet")["entries"]
-        == sweep.read_manifest(folder_b)["entries"]
+        runner.read_manifest(tmp_path / "a" / "smoke" / "ablation_hypernet")["entries"]
+        == runner.read_manifest(folder_b)["entries"]
     )
 
 
@@ -255,7 +262,7 @@ def test_a_run_that_raises_is_recorded_and_retried_next_time(tmp_path, monkeypat
     real = run_module.run
 
     def broken(cfg, **kwargs):
-        if cfg["adapter"].get("sharing") == "global":
+        if cfg.adapter.get("sharing") == "global":
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(cfg, **kwargs)
 
@@ -293,12 +300,12 @@ def test_identical_runs_of_another_sweep_are_reused_not_rerun(smoke, tmp_path, m
     results = tmp_path / "results"
     shutil.copytree(smoke["results"] / "sample_efficiency", results / "smoke" / "sample_efficiency")
     monkeypatch.setattr("experiments.run.run", lambda *a, **k: pytest.fail("should have been reused"))
-    profile = sweep.load_profile("smoke")
-    spec = sweep.load_sweep("sample_efficiency", profile)
-    points = sweep.build_grid(spec, profile, results_dir=results, tuned_dir=smoke["tuned"].parent)
+    profile = grid.load_profile("smoke")
+    spec = grid.load_sweep("sample_efficiency", profile)
+    points = grid.build_grid(spec, profile, results_dir=results, tuned_dir=smoke["tuned"].parent)
     spec.name = "copy"
-    moved = sweep.build_grid(spec, profile, results_dir=results, tuned_dir=smoke["tuned"].parent)
-    outcome = sweep.run_points(moved, results_dir=results, progress=False)
+    moved = grid.build_grid(spec, profile, results_dir=results, tuned_dir=smoke["tuned"].parent)
+    outcome = runner.run_points(moved, results_dir=results, progress=False)
     assert outcome.reused == len(points) and {p.run_id for p in moved} == {p.run_id for p in points}
 
 
@@ -369,9 +376,9 @@ def test_tune_resumes_and_writes_the_tuned_file_only_once_the_budget_is_spent(tm
         str(tmp_path / "tuned"),
     ]
     assert tune.main([*common, "--time-limit", "0.01"]) == 1  # one trial, then the time is up
-    assert not sweep.tuned_path("smoke", "prediag", tmp_path / "tuned").exists()
+    assert not grid.tuned_path("smoke", "prediag", tmp_path / "tuned").exists()
     assert tune.main(common) == 0
-    doc = yaml.safe_load(sweep.tuned_path("smoke", "prediag", tmp_path / "tuned").read_text())
+    doc = yaml.safe_load(grid.tuned_path("smoke", "prediag", tmp_path / "tuned").read_text())
     assert doc["trials"]["complete"] + doc["trials"]["pruned"] == 2 and doc["storage"].startswith(
         "sqlite:///"
     )
