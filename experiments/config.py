@@ -303,7 +303,7 @@ class LMRunConfig:
     def validate(self) -> None:
         """Check every value that can be checked without loading data or models."""
         from doran import commonsense as cs
-        from doran.lm import RANDOM_LLAMA, SMOLLM2
+        from doran.training import RANDOM_LLAMA, SMOLLM2
 
         _check_common(self)
         _check_adapter(self.method, self.adapter)

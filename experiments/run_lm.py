@@ -57,7 +57,7 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
 
     import doran
     from doran import results
-    from doran.lm import (
+    from doran.training import (
         CausalLMModule,
         CommonsenseData,
         StepLossRecorder,
@@ -115,7 +115,7 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
     )
     cbs.pop("history")  # classification curves; the LM records step losses below
     if t.strategy == "fsdp":
-        from doran.lm import fsdp_safe
+        from doran.training import fsdp_safe
         from doran.training import MagnitudeRecorder, TauRecorder
 
         cbs["tau"] = fsdp_safe(TauRecorder)(diag.every_n_steps)
@@ -176,7 +176,7 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
     if failure is None and d.test_paths and ev.limit != 0:
         model = module.model
         if t.strategy == "fsdp":  # evaluate a plain copy holding the gathered adapter
-            from doran.lm import build_causal_lm
+            from doran.training import build_causal_lm
 
             model, _ = build_causal_lm(
                 **{k: getattr(m, k) for k in ("name", "gguf_file", "tokenizer", "dtype", "kwargs")}
@@ -249,7 +249,7 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from doran.commonsense import CommonsenseDataError
-    from doran.lm import ModelFilesError
+    from doran.training import ModelFilesError
 
     return cli(argv, "python -m experiments.run_lm", __doc__, load_config, run, run_id_of,
                (CommonsenseDataError, ModelFilesError))

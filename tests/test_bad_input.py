@@ -51,7 +51,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the bad input was refused")
 
     monkeypatch.setattr("doran.training.build_backbone", boom)
-    monkeypatch.setattr("doran.lm.build_causal_lm", boom)
+    monkeypatch.setattr("doran.training.causal_lm.build_causal_lm", boom)
 
 
 def _exit2(argv: list[str], capsys, pattern: str, main=run_mod.main) -> str:

@@ -9,7 +9,7 @@ import torch
 
 import doran
 from doran.compiling import TOKEN_MULTIPLE, CompiledModel, CompiledRunner, WholeCall, pad_tokens, resolve_compile
-from doran.lm import CausalLMModule
+from doran.training import CausalLMModule
 from doran.optim import FusedAdamW
 from doran.training import AdapterClassifier, build_text_model, build_timm
 from tests.test_lm import TINY

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import doran
-import doran.lm
+import doran.training
 from doran import commonsense as cs
-from doran.lm import ByteTokenizer, CausalLMModule, CommonsenseData, evaluate_tasks
+from doran.training import ByteTokenizer, CausalLMModule, CommonsenseData, evaluate_tasks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
 
@@ -147,7 +147,7 @@ def test_run_lm_end_to_end_on_real_format_files(tmp_path):
     assert result["metrics"]["test/acc"] == result["evaluation"]["average"]
     assert len(result["curves"]["steps"]["loss"]) == result["steps"] == 3  # 12 training records, batch 4
     assert result["tau"]["tau"], "tau trajectories are recorded"
-    fresh = doran.lm.build_causal_lm(**{"name": "random-llama", "kwargs": TINY["kwargs"]})[0]
+    fresh = doran.training.build_causal_lm(**{"name": "random-llama", "kwargs": TINY["kwargs"]})[0]
     doran.load_adapter(fresh, result["artifacts"]["adapter"])  # the adapter loads into a fresh model
 
 

@@ -1,0 +1,473 @@
+"""Callbacks for the paper's claims and for losing nothing: ``TauRecorder`` (tau per layer and projection),
+``MagnitudeRecorder``, ``GradNormRecorder`` (adapter gradient norm per group and step: the stability claim),
+``NonFiniteGuard`` (stops a diverged run and records the step and cause), ``HistoryRecorder`` (learning
+curves, epoch times), ``StepLossRecorder`` (per-batch loss over all ranks, tokens/s) and ``AdapterCheckpoint``
+(``last.ckpt`` at every epoch end); ``full_params`` / ``fsdp_safe`` let the recorders read sharded tensors."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import doran
+
+from .module import AdapterModule
+
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def split_projection(name: str) -> tuple[int | None, str]:
+    """``(layer index, projection)`` of an adapted projection name.
+
+    >>> split_projection("bert.encoder.layer.3.attention.self.query")
+    (3, 'query')
+    >>> split_projection("blocks.0.attn.qkv.v")
+    (0, 'v')
+    """
+    found = _LAYER.search(name)
+    return (int(found.group(1)) if found else None), name.rsplit(".", 1)[-1]
+
+
+class _Columns(Callback):
+    """A callback that records rows into columns (compact JSON, ``pandas.DataFrame(columns)`` reads it)."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list] = {}
+
+    def _add(self, **row: Any) -> None:
+        for key, value in row.items():
+            self.columns.setdefault(key, []).append(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"columns": self.columns}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.columns = state["columns"]
+
+
+class TauRecorder(_Columns):
+    """Records tau of every adapted projection: columns step, layer, projection, module, tau, tau_abs.
+
+    ``tau`` is relative to the row norm (the parameterised quantity), ``tau_abs`` in weight units
+    (REFERENCE.md: record both). Recorded at the start, every ``every_n_steps`` optimizer steps and at
+    the end of training. Methods with tau = 0 (LoRA, DoRA) record nothing.
+    """
+
+    def __init__(self, every_n_steps: int = 10):
+        super().__init__()
+        self.every_n_steps = max(1, int(every_n_steps))
+        self._last = -1
+
+    def _record(self, pl_module: AdapterModule, step: int) -> None:
+        if step == self._last or pl_module.adapter_config.tau_mode == "zero":
+            return
+        rel, absolute = doran.tau_values(pl_module.model), doran.tau_values(pl_module.model, absolute=True)
+        for module, tau in rel.items():
+            layer, projection = split_projection(module)
+            self._add(
+                step=step,
+                layer=layer,
+                projection=projection,
+                module=module,
+                tau=tau,
+                tau_abs=absolute[module],
+            )
+        self._last = step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: AdapterModule) -> None:
+        self._record(pl_module, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._record(pl_module, trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: AdapterModule) -> None:
+        self._record(pl_module, trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last": self._last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._last = state.get("last", -1)
+
+
+class MagnitudeRecorder(_Columns):
+    """Magnitude statistics per projection: columns step, layer, projection, module, mean, std, min, max,
+    rel_change (``||m - m_0|| / ||m_0||``, m_0 the magnitude at the start of training). DoRA family only."""
+
+    def __init__(self, every_n_steps: int = 10):
+        super().__init__()
+        self.every_n_steps = max(1, int(every_n_steps))
+        self.initial: dict[str, torch.Tensor] = {}
+        self._last = -1
+
+    def _record(self, pl_module: AdapterModule, step: int) -> None:
+        if step == self._last:
+            return
+        for module, m in doran.magnitudes(pl_module.model).items():
+            m = m.float().cpu()
+            m0 = self.initial.setdefault(module, m.clone())
+            layer, projection = split_projection(module)
+            self._add(
+                step=step,
+                layer=layer,
+                projection=projection,
+                module=module,
+                mean=m.mean().item(),
+                std=m.std().item() if m.numel() > 1 else 0.0,
+                min=m.min().item(),
+                max=m.max().item(),
+                rel_change=((m - m0).norm() / m0.norm().clamp_min(1e-12)).item(),
+            )
+        self._last = step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._record(pl_module, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._record(pl_module, trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._record(pl_module, trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "initial": self.initial, "last": self._last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.initial, self._last = state.get("initial", {}), state.get("last", -1)
+
+
+class GradNormRecorder(_Columns):
+    """L2 norm of the gradient of each parameter group (factors, generator, magnitude, tau, other) per step.
+
+    Measured in ``on_before_optimizer_step``: after backward and AMP unscaling, before clipping. Records every
+    step while the run has at most ``max_records`` steps, else every ``ceil(steps / max_records)`` steps.
+    Columns: step and one column per group present (NaN-free floats; a non-finite norm is kept as None).
+    """
+
+    def __init__(self, max_records: int = 5000):
+        super().__init__()
+        self.max_records = max(1, int(max_records))
+        self.stride = 1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        total = int(trainer.estimated_stepping_batches)
+        self.stride = max(1, math.ceil(total / self.max_records))
+
+    def on_before_optimizer_step(self, trainer, pl_module: AdapterModule, optimizer) -> None:
+        if trainer.global_step % self.stride:
+            return
+        parts: dict[str, list[torch.Tensor]] = {}
+        for p, group, _ in doran.adapter_leaves(pl_module.model):  # packed tensors: one per kind
+            if p.grad is not None:
+                parts.setdefault(group, []).append(p.grad.detach().float().pow(2).sum())
+        if not parts:
+            return
+        groups = sorted(parts)
+        # one device-to-host transfer per step, not one per tensor
+        values = torch.stack([torch.stack(parts[g]).sum() for g in groups]).tolist()
+        row = {g: math.sqrt(v) if math.isfinite(v) else None for g, v in zip(groups, values)}
+        total = sum(values)
+        self._add(step=trainer.global_step, **row, total=math.sqrt(total) if math.isfinite(total) else None)
+
+    def _add(self, **row: Any) -> None:
+        # groups can appear later (none does in practice); keep columns aligned
+        n = len(self.columns.get("step", []))
+        for key in row:
+            self.columns.setdefault(key, [None] * n)
+        for key in self.columns:
+            self.columns[key].append(row.get(key))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "stride": self.stride}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.stride = state.get("stride", 1)
+
+
+class NonFiniteGuard(Callback):
+    """Stops a run whose training loss (or gradient) becomes NaN/inf, and records the step and the cause.
+
+    The failing step is not applied: ``training_step`` returns None for a non-finite loss (no backward, no
+    optimizer step), and a non-finite gradient is dropped before the optimizer sees it. Under fp16 mixed
+    precision the grad scaler already skips steps with inf gradients, so only the loss is checked there.
+    ``failure`` is None or ``{"step", "epoch", "batch", "cause"}``.
+    """
+
+    def __init__(self) -> None:
+        self.failure: dict[str, Any] | None = None
+
+    def _fail(self, trainer: pl.Trainer, failure: dict[str, Any]) -> None:
+        if self.failure is None:
+            self.failure = failure
+        trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, pl_module: AdapterModule, outputs, batch, batch_idx) -> None:
+        if pl_module.nonfinite is not None:
+            self._fail(trainer, pl_module.nonfinite)
+
+    def on_before_optimizer_step(self, trainer, pl_module: AdapterModule, optimizer) -> None:
+        if "16-mixed" in str(trainer.precision) and "bf16" not in str(trainer.precision):
+            return
+        named = list(doran.named_adapter_gradients(pl_module.model))  # packed rows: rows of packed gradients
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for _, g in named])  # one transfer per step
+        if not bool(finite.all()):
+            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+            for p in pl_module.model.parameters():
+                p.grad = None  # AdamW skips parameters without gradient: the bad step is not applied
+            self._fail(
+                trainer,
+                {
+                    "step": int(trainer.global_step),
+                    "epoch": int(trainer.current_epoch),
+                    "batch": None,
+                    "cause": f"non-finite gradient in {len(bad)} tensors, first {bad[0]}",
+                },
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"failure": self.failure}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.failure = state.get("failure")
+
+
+class HistoryRecorder(Callback):
+    """Learning curves and timings.
+
+    ``steps``: columns step, train_loss (every ``every_n_steps`` optimizer steps).
+    ``epochs``: columns epoch, step, train_loss (epoch mean), val_loss, val_acc, lr, train_wall_s,
+    train_cpu_s, val_wall_s: training time excludes validation; ``cpu_s`` is process CPU time (all threads).
+    Validation metrics are read in ``on_validation_end``, after Lightning has reduced them.
+    """
+
+    def __init__(self, every_n_steps: int = 10):
+        self.every_n_steps = max(1, int(every_n_steps))
+        self.steps: dict[str, list] = {"step": [], "train_loss": []}
+        self.epochs: dict[str, list] = {
+            k: []
+            for k in (
+                "epoch",
+                "step",
+                "train_loss",
+                "val_loss",
+                "val_acc",
+                "lr",
+                "train_wall_s",
+                "train_cpu_s",
+                "val_wall_s",
+            )
+        }
+        self._t0 = self._c0 = self._v0 = self._vc0 = self._val_s = self._val_cpu = self._loss_sum = 0.0
+        self._loss_n = 0
+        self._pending_val: tuple[float | None, float | None] = (None, None)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0, self._c0, self._val_s, self._val_cpu = time.perf_counter(), time.process_time(), 0.0, 0.0
+        self._loss_sum, self._loss_n = 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        n = len(batch["labels"])
+        self._loss_sum, self._loss_n = self._loss_sum + float(loss) * n, self._loss_n + n
+        if trainer.global_step % self.every_n_steps == 0:
+            self.steps["step"].append(trainer.global_step)
+            self.steps["train_loss"].append(float(loss))
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._v0, self._vc0 = time.perf_counter(), time.process_time()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # on_validation_end, not ..._epoch_end: Lightning reduces the epoch's metrics between the two
+        if trainer.sanity_checking:
+            return
+        self._val_s += time.perf_counter() - self._v0
+        self._val_cpu += time.process_time() - self._vc0
+        m = trainer.callback_metrics
+        self._pending_val = (_num(m.get("val/loss")), _num(m.get("val/acc")))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        wall, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
+        lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
+        e = self.epochs
+        e["epoch"].append(trainer.current_epoch)
+        e["step"].append(trainer.global_step)
+        e["train_loss"].append(self._loss_sum / self._loss_n if self._loss_n else None)
+        e["val_loss"].append(self._pending_val[0])
+        e["val_acc"].append(self._pending_val[1])
+        e["lr"].append(lrs[0] if lrs else None)
+        e["train_wall_s"].append(wall - self._val_s)
+        e["train_cpu_s"].append(cpu - self._val_cpu)
+        e["val_wall_s"].append(self._val_s)
+        self._pending_val = (None, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "epochs": self.epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.epochs = state["steps"], state["epochs"]
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class AdapterCheckpoint(Callback):
+    """Writes ``<dirpath>/last.ckpt`` (adapter tensors, optimizer, scheduler, loops, callbacks, RNG) at every
+    epoch end and, if ``every_n_steps``, every that many steps.
+
+    The module keeps only trainable tensors in the checkpoint (``AdapterModule.on_save_checkpoint``).
+    Resuming from an epoch-end checkpoint is exact; from a mid-epoch one Lightning restarts the epoch's
+    data iterator, so the rest of that epoch sees a different order (Lightning warns).
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int | None = None):
+        self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
+
+    @property
+    def last(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.sanity_checking:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        tmp = self.dirpath / ".last.ckpt.tmp"
+        trainer.save_checkpoint(tmp)  # written by global rank 0 only (Lightning)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.last)  # atomic: a killed run leaves the previous last.ckpt
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+
+def default_callbacks(
+    run_dir: str | Path | None,
+    every_n_steps: int = 10,
+    max_grad_records: int = 5000,
+    ckpt_every_n_steps: int | None = None,
+) -> dict[str, Callback]:
+    """The diagnostics every run records, by name; add ``checkpoint`` when ``run_dir`` is given."""
+    callbacks: dict[str, Callback] = {
+        "history": HistoryRecorder(every_n_steps),
+        "tau": TauRecorder(every_n_steps),
+        "magnitude": MagnitudeRecorder(every_n_steps),
+        "grad_norm": GradNormRecorder(max_grad_records),
+        "guard": NonFiniteGuard(),
+    }
+    if run_dir is not None:
+        callbacks["checkpoint"] = AdapterCheckpoint(Path(run_dir) / "checkpoints", ckpt_every_n_steps)
+    return callbacks
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto``: bf16 mixed precision on a GPU that supports it, fp16 mixed on other GPUs, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+class StepLossRecorder(pl.Callback):
+    """Per training batch: the step, the loss averaged over all ranks, tokens over all ranks, wall time.
+
+    The all-rank mean makes loss curves of runs on different numbers of devices comparable (same global
+    batch); ``throughput()`` gives tokens per second after the first ``warmup`` batches.
+    """
+
+    def __init__(self, warmup: int = 5):
+        self.columns: dict[str, list] = {"step": [], "loss": [], "tokens": [], "time_s": []}
+        self.warmup = warmup
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            import time
+
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        value = torch.tensor(float("nan") if loss is None else float(loss.detach()), device=pl_module.device)
+        tokens = batch["attention_mask"].sum().to(pl_module.device, torch.float32)
+        if trainer.world_size > 1:
+            value = pl_module.all_gather(value).mean()
+            tokens = pl_module.all_gather(tokens).sum()
+        c = self.columns
+        c["step"].append(int(trainer.global_step))
+        c["loss"].append(float(value))
+        c["tokens"].append(int(tokens))
+        c["time_s"].append(time.perf_counter() - self._t0)
+
+    def throughput(self) -> dict[str, float | None]:
+        t, tok = self.columns["time_s"], self.columns["tokens"]
+        if len(t) <= self.warmup + 1:
+            return {"tokens_per_s": None, "s_per_step": None, "measured_steps": 0}
+        span = t[-1] - t[self.warmup]
+        n = len(t) - 1 - self.warmup
+        return {"tokens_per_s": sum(tok[self.warmup + 1 :]) / span, "s_per_step": span / n, "measured_steps": n}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"columns": self.columns}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.columns = state["columns"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FSDP: the recorders read full (unsharded) tensors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def full_params(trainer: pl.Trainer):
+    """A context in which every rank sees the full adapter tensors (FSDP), or a no-op for other strategies.
+
+    Outside forward, FSDP with ``use_orig_params`` leaves each parameter as a view of the local shard; tau
+    and magnitude statistics need whole tensors. A collective: every rank must enter it.
+    """
+    from contextlib import nullcontext
+
+    if not type(trainer.strategy).__name__.startswith("FSDP"):
+        return nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.summon_full_params(trainer.strategy.model, writeback=False, recurse=True)
+
+
+def fsdp_safe(recorder_cls: type) -> type:
+    """A subclass of a tau / magnitude recorder whose ``_record`` runs inside :func:`full_params`."""
+
+    class Recorder(recorder_cls):
+        def _record(self, pl_module, step):
+            with full_params(pl_module.trainer):
+                super()._record(pl_module, step)
+
+    Recorder.__name__ = Recorder.__qualname__ = f"FullParams{recorder_cls.__name__}"
+    return Recorder
