@@ -109,6 +109,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     precision: str = "auto"  # auto: bf16-mixed on GPUs that have it, 16-mixed on other GPUs, 32-true on CPU
     max_steps: int = -1  # stop after this many optimizer steps (-1: epochs decide)
+    max_validations: int = 0  # validate after at most this many epochs, evenly spaced, the last always (0: every)
 
 
 @dataclass
@@ -124,8 +125,10 @@ class RuntimeConfig:
     progress_bar: bool | str = "auto"  # auto: on when stderr is a terminal
     num_workers: int = 0  # DataLoader workers
     threads: int | None = None  # torch CPU threads (null: torch's default)
-    compile: str = "auto"  # auto: CUDA graphs on a GPU, eager on CPU | none | default | reduce-overhead
-    ckpt_every_n_steps: int | None = None  # also checkpoint every this many steps (epoch ends always are)
+    compile: str = "auto"  # auto: CUDA graphs on a GPU (runs of compile_min_steps or more), else eager | none | ...
+    compile_min_steps: int = 0  # compile: auto runs shorter runs eager (compilation would not pay for itself)
+    ckpt_every_n_steps: int | None = None  # also checkpoint every this many steps
+    ckpt_min_interval_s: float = 60.0  # checkpoint at an epoch end once this long has passed since the last (0: every)
     keep_checkpoints: bool = False  # keep <run>/checkpoints/ after the run finished
     force: bool = False  # re-run even if the result file exists
 

@@ -83,7 +83,15 @@ def _eval_subset(split, limit: int | None, split_seed: int):
     return split.take(stratified_subset(split.labels, limit / len(split), split_seed))
 
 
-def build(cfg: RunConfig, num_classes: int, splits: tuple) -> tuple[Any, Any, dict[str, Any]]:
+def compile_mode(cfg: RunConfig, steps: int) -> str:
+    """The run's compile mode: ``runtime.compile``, except that ``auto`` runs a run of fewer than
+    ``runtime.compile_min_steps`` optimizer steps eager (its compilation would cost more than it saves)."""
+    rt = cfg.runtime
+    return "none" if rt.compile == "auto" and steps < rt.compile_min_steps else rt.compile
+
+
+def build(cfg: RunConfig, num_classes: int, splits: tuple, compile: str | None = None
+          ) -> tuple[Any, Any, dict[str, Any]]:
     """``(module, datamodule, model_info)``: the backbone with its adapters injected (an
     ``AdapterClassifier``) and the data module over the ``(train, val, test)`` splits."""
     from doran.data import ClassificationDataModule, ImageDataset, TextCollate, TextDataset, timm_transforms
@@ -107,7 +115,7 @@ def build(cfg: RunConfig, num_classes: int, splits: tuple) -> tuple[Any, Any, di
         backbone=backbone, method=cfg.method, adapter=cfg.adapter, num_classes=num_classes, head=m.head,
         trainable=m.trainable, lr=t.lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
         warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, label_smoothing=t.label_smoothing,
-        seed=cfg.seed, compile=cfg.runtime.compile, model=model,
+        seed=cfg.seed, compile=cfg.runtime.compile if compile is None else compile, model=model,
     )
     return module, datamodule, model_info
 
@@ -128,7 +136,7 @@ def run(
     import doran
     from doran import results
     from doran.data import class_counts, stratified_subset, subset_hash
-    from doran.training import default_callbacks, derive_seed, resolve_precision, seed_everything
+    from doran.training import ValidationSchedule, default_callbacks, derive_seed, resolve_precision, seed_everything
 
     t_start, c_start = time.perf_counter(), time.process_time()
     rt, d, t = cfg.runtime, cfg.data, cfg.train
@@ -151,14 +159,19 @@ def run(
     val_split = _eval_subset(splits.val, d.eval_limit, d.split_seed)
     test_split = _eval_subset(splits.test, d.eval_limit, d.split_seed)
     epochs = protocol_epochs(t.epochs, t.min_steps, len(train_split), t.batch_size)
+    steps = math.ceil(len(train_split) / t.batch_size) * epochs
+    steps = steps if t.max_steps < 0 else min(steps, t.max_steps)
 
     # 2. model (pretrained weights, or a clear error)
     seed_everything(cfg.seed)
-    module, datamodule, model_info = build(cfg, splits.num_classes, (train_split, val_split, test_split))
+    module, datamodule, model_info = build(cfg, splits.num_classes, (train_split, val_split, test_split),
+                                           compile=compile_mode(cfg, steps))
 
     # 3. train (resuming from the run's last checkpoint if an earlier attempt was interrupted)
     diag = cfg.diagnostics
-    cbs = default_callbacks(run_dir, diag.every_n_steps, diag.max_grad_records, rt.ckpt_every_n_steps)
+    cbs = default_callbacks(run_dir, diag.every_n_steps, diag.max_grad_records, rt.ckpt_every_n_steps,
+                            rt.ckpt_min_interval_s)
+    cbs["validation"] = ValidationSchedule(epochs, t.max_validations)
     progress = sys.stderr.isatty() if rt.progress_bar == "auto" else rt.progress_bar in (True, "true", "on")
     precision = resolve_precision(t.precision)
     trainer = pl.Trainer(

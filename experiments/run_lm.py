@@ -110,9 +110,8 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
     )
 
     diag = cfg.diagnostics
-    cbs = default_callbacks(
-        run_dir, diag.every_n_steps, diag.max_grad_records, rt.ckpt_every_n_steps
-    )
+    cbs = default_callbacks(run_dir, diag.every_n_steps, diag.max_grad_records, rt.ckpt_every_n_steps,
+                            rt.ckpt_min_interval_s)
     cbs.pop("history")  # classification curves; the LM records step losses below
     if t.strategy == "fsdp":
         from doran.training import fsdp_safe

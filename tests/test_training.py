@@ -337,3 +337,66 @@ def test_vit_loads_a_local_checkpoint_file(tmp_path):
     loaded, info = build_timm("vit_tiny_patch16_224", 3, checkpoint=str(path), **kw)
     assert info["pretrained"] and info["weights"] == str(path)
     assert torch.equal(loaded.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+
+
+# ------------------------------------------------------------------------------------- the loop's cost
+def test_gradient_norms_equal_a_direct_computation(tokenizer):
+    import doran
+
+    class Direct(pl.Callback):  # the norms as the recorder used to compute them, one tensor at a time
+        rows: list = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            parts = {}
+            for p, group, _ in doran.adapter_leaves(pl_module.model):
+                if p.grad is not None:
+                    parts[group] = parts.get(group, 0.0) + p.grad.double().pow(2).sum().item()
+            self.rows.append({g: math.sqrt(v) for g, v in parts.items()})
+
+    direct, rec = Direct(), GradNormRecorder(flush_every=2)
+    _trainer([rec, direct]).fit(_module("doran"), datamodule=_datamodule(tokenizer))
+    assert len(direct.rows) == 3 == len(rec.columns["step"])
+    for i, row in enumerate(direct.rows):
+        for group, value in row.items():
+            assert rec.columns[group][i] == pytest.approx(value, rel=1e-5)
+
+
+@pytest.mark.parametrize("epochs, most, validated", [(6, 2, {2, 5}), (38, 8, {4, 9, 13, 18, 23, 27, 32, 37}),
+                                                     (3, 0, {0, 1, 2}), (3, 5, {0, 1, 2})])
+def test_validation_schedule_spaces_validations_and_keeps_the_last(tokenizer, epochs, most, validated):
+    from doran.training import HistoryRecorder, ValidationSchedule
+
+    assert ValidationSchedule(epochs, most).epochs == validated
+    if epochs > 6:
+        return
+    history = HistoryRecorder()
+    _trainer([ValidationSchedule(epochs, most), history], max_epochs=epochs).fit(
+        _module("lora"), datamodule=_datamodule(tokenizer))
+    got = {e for e, acc in zip(history.epochs["epoch"], history.epochs["val_acc"]) if acc is not None}
+    assert got == validated
+
+
+def test_checkpoints_at_epoch_ends_wait_for_the_interval(tokenizer, tmp_path):
+    from doran.training import AdapterCheckpoint
+
+    often, rare = AdapterCheckpoint(tmp_path / "a"), AdapterCheckpoint(tmp_path / "b", min_interval_s=3600)
+    saves = {"a": 0, "b": 0}
+    for key, cb in (("a", often), ("b", rare)):
+        original = cb._save
+
+        def counted(trainer, _original=original, _key=key):
+            saves[_key] += 1
+            _original(trainer)
+
+        cb._save = counted
+        _trainer([cb], max_epochs=3).fit(_module("lora"), datamodule=_datamodule(tokenizer))
+    assert saves == {"a": 3, "b": 0} and often.last.is_file() and not rare.last.exists()
+
+
+def test_short_runs_are_not_compiled():
+    from experiments.run import compile_mode, load_config
+
+    cfg = load_config(None, ["runtime.compile_min_steps=300"])
+    assert compile_mode(cfg, 299) == "none" and compile_mode(cfg, 300) == "auto"
+    explicit = load_config(None, ["runtime.compile_min_steps=300", "runtime.compile=default"])
+    assert compile_mode(explicit, 10) == "default"

@@ -149,18 +149,34 @@ class MagnitudeRecorder(_Columns):
         self.initial, self._last = state.get("initial", {}), state.get("last", -1)
 
 
+def _leaves(pl_module: AdapterModule) -> list[tuple[torch.Tensor, str]]:
+    """(tensor, group) of every tensor the optimizer steps, walked once per run (packed tensors once)."""
+    cache = getattr(pl_module, "_diagnostic_leaves", None)
+    if cache is None:
+        cache = [(p, group) for p, group, _ in doran.adapter_leaves(pl_module.model) if p.requires_grad]
+        pl_module._diagnostic_leaves = cache
+    return cache
+
+
 class GradNormRecorder(_Columns):
     """L2 norm of the gradient of each parameter group (factors, generator, magnitude, tau, other) per step.
 
     Measured in ``on_before_optimizer_step``: after backward and AMP unscaling, before clipping. Records every
     step while the run has at most ``max_records`` steps, else every ``ceil(steps / max_records)`` steps.
-    Columns: step and one column per group present (NaN-free floats; a non-finite norm is kept as None).
+    Columns: step and one column per group present, and ``total`` (a non-finite norm is kept as None).
+
+    The norms stay on the device (one ``_foreach_norm`` per step) and are copied to the host in one transfer
+    every ``flush_every`` records and at the end of each epoch: recording never makes the host wait for the
+    GPU in the middle of training.
     """
 
-    def __init__(self, max_records: int = 5000):
+    def __init__(self, max_records: int = 5000, flush_every: int = 64):
         super().__init__()
         self.max_records = max(1, int(max_records))
+        self.flush_every = max(1, int(flush_every))
         self.stride = 1
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._groups: list[str] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         total = int(trainer.estimated_stepping_batches)
@@ -169,18 +185,36 @@ class GradNormRecorder(_Columns):
     def on_before_optimizer_step(self, trainer, pl_module: AdapterModule, optimizer) -> None:
         if trainer.global_step % self.stride:
             return
-        parts: dict[str, list[torch.Tensor]] = {}
-        for p, group, _ in doran.adapter_leaves(pl_module.model):  # packed tensors: one per kind
-            if p.grad is not None:
-                parts.setdefault(group, []).append(p.grad.detach().float().pow(2).sum())
-        if not parts:
+        leaves = [(p.grad, group) for p, group in _leaves(pl_module) if p.grad is not None]
+        if not leaves:
             return
-        groups = sorted(parts)
-        # one device-to-host transfer per step, not one per tensor
-        values = torch.stack([torch.stack(parts[g]).sum() for g in groups]).tolist()
-        row = {g: math.sqrt(v) if math.isfinite(v) else None for g, v in zip(groups, values)}
-        total = sum(values)
-        self._add(step=trainer.global_step, **row, total=math.sqrt(total) if math.isfinite(total) else None)
+        groups = sorted({g for _, g in leaves})
+        if groups != self._groups:
+            self._flush()
+            self._groups = groups
+        norms = torch._foreach_norm([g.detach().float() for g, _ in leaves])
+        index = torch.tensor([groups.index(g) for _, g in leaves], device=norms[0].device)
+        squares = torch.zeros(len(groups), device=norms[0].device).index_add_(0, index, torch.stack(norms) ** 2)
+        self._pending.append((int(trainer.global_step), squares))
+        if len(self._pending) >= self.flush_every:
+            self._flush()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._flush()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        steps = [s for s, _ in self._pending]
+        rows = torch.stack([v for _, v in self._pending]).double().tolist()  # one transfer
+        self._pending = []
+        for step, values in zip(steps, rows):
+            row = {g: math.sqrt(v) if math.isfinite(v) else None for g, v in zip(self._groups, values)}
+            total = sum(values)
+            self._add(step=step, **row, total=math.sqrt(total) if math.isfinite(total) else None)
 
     def _add(self, **row: Any) -> None:
         # groups can appear later (none does in practice); keep columns aligned
@@ -191,6 +225,7 @@ class GradNormRecorder(_Columns):
             self.columns[key].append(row.get(key))
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush()
         return {**super().state_dict(), "stride": self.stride}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -201,14 +236,20 @@ class GradNormRecorder(_Columns):
 class NonFiniteGuard(Callback):
     """Stops a run whose training loss (or gradient) becomes NaN/inf, and records the step and the cause.
 
-    The failing step is not applied: ``training_step`` returns None for a non-finite loss (no backward, no
-    optimizer step), and a non-finite gradient is dropped before the optimizer sees it. Under fp16 mixed
-    precision the grad scaler already skips steps with inf gradients, so only the loss is checked there.
+    The failing step is not applied. On a CPU, ``training_step`` returns None for a non-finite loss (no
+    backward, no optimizer step) and a non-finite gradient is dropped before the optimizer sees it, each
+    checked at the step. On a GPU the check never makes the host wait: the loss and gradients of each step
+    are checked on the device, and an optimizer that takes a ``skip_if`` flag (``doran``'s fused AdamW) skips
+    the update on the device; the flag is read every ``poll_every`` steps and at the end of each epoch, and
+    the run stops there, recording the first failing step. Under fp16 mixed precision the grad scaler already
+    skips steps with inf gradients, so only the loss is checked there.
     ``failure`` is None or ``{"step", "epoch", "batch", "cause"}``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, poll_every: int = 10) -> None:
         self.failure: dict[str, Any] | None = None
+        self.poll_every = max(1, int(poll_every))
+        self._first_bad: torch.Tensor | None = None  # device: first failing step, or -1
 
     def _fail(self, trainer: pl.Trainer, failure: dict[str, Any]) -> None:
         if self.failure is None:
@@ -218,27 +259,52 @@ class NonFiniteGuard(Callback):
     def on_train_batch_end(self, trainer, pl_module: AdapterModule, outputs, batch, batch_idx) -> None:
         if pl_module.nonfinite is not None:
             self._fail(trainer, pl_module.nonfinite)
+        elif self._first_bad is not None and trainer.global_step % self.poll_every == 0:
+            self._poll(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._poll(trainer)
+
+    def _poll(self, trainer: pl.Trainer) -> None:
+        if self._first_bad is None:
+            return
+        step = int(self._first_bad)  # the only transfer: every poll_every steps
+        if step >= 0:
+            self._fail(trainer, {"step": step, "epoch": int(trainer.current_epoch), "batch": None,
+                                 "cause": "non-finite training loss or gradient (the update was skipped)"})
 
     def on_before_optimizer_step(self, trainer, pl_module: AdapterModule, optimizer) -> None:
-        if "16-mixed" in str(trainer.precision) and "bf16" not in str(trainer.precision):
+        fp16 = "16-mixed" in str(trainer.precision) and "bf16" not in str(trainer.precision)
+        leaves = [p for p, _ in _leaves(pl_module) if p.grad is not None]
+        if fp16 or not leaves:
             return
-        named = list(doran.named_adapter_gradients(pl_module.model))  # packed rows: rows of packed gradients
-        if not named:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # Lightning may hand over its wrapper
+        if leaves[0].is_cuda and hasattr(optimizer, "skip_if"):
+            self._device_check(trainer, pl_module, optimizer, leaves)
             return
-        finite = torch.stack([torch.isfinite(g).all() for _, g in named])  # one transfer per step
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in leaves])  # one transfer per step
         if not bool(finite.all()):
-            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+            named = list(doran.named_adapter_gradients(pl_module.model))
+            bad = [n for n, g in named if not bool(torch.isfinite(g).all())]
             for p in pl_module.model.parameters():
                 p.grad = None  # AdamW skips parameters without gradient: the bad step is not applied
-            self._fail(
-                trainer,
-                {
-                    "step": int(trainer.global_step),
-                    "epoch": int(trainer.current_epoch),
-                    "batch": None,
-                    "cause": f"non-finite gradient in {len(bad)} tensors, first {bad[0]}",
-                },
-            )
+            self._fail(trainer, {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+                                 "batch": None, "cause": f"non-finite gradient in {len(bad)} tensors, first {bad[:1]}"})
+
+    def _device_check(self, trainer, pl_module, optimizer, leaves: list[torch.Tensor]) -> None:
+        device = leaves[0].device
+        found = torch.zeros(1, device=device)
+        # sets found to 1.0 where any gradient is non-finite (the scale 1.0 leaves every gradient unchanged)
+        torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in leaves], found,
+                                                         torch.ones(1, device=device))
+        loss = getattr(pl_module, "last_loss", None)
+        if loss is not None:
+            found = torch.maximum(found, (~torch.isfinite(loss.detach().float())).float().reshape(1))
+        optimizer.skip_if = found
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        step = torch.full((), int(trainer.global_step), dtype=torch.long, device=device)
+        self._first_bad = torch.where((self._first_bad < 0) & (found[0] > 0), step, self._first_bad)
 
     def state_dict(self) -> dict[str, Any]:
         return {"failure": self.failure}
@@ -276,6 +342,14 @@ class HistoryRecorder(Callback):
         self._t0 = self._c0 = self._v0 = self._vc0 = self._val_s = self._val_cpu = self._loss_sum = 0.0
         self._loss_n = 0
         self._pending_val: tuple[float | None, float | None] = (None, None)
+        self._pending_steps: list[tuple[int, torch.Tensor]] = []
+
+    def _flush_steps(self) -> None:
+        if self._pending_steps:
+            values = torch.stack([v for _, v in self._pending_steps]).tolist()  # one transfer
+            self.steps["step"] += [s for s, _ in self._pending_steps]
+            self.steps["train_loss"] += values
+            self._pending_steps = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0, self._c0, self._val_s, self._val_cpu = time.perf_counter(), time.process_time(), 0.0, 0.0
@@ -286,10 +360,10 @@ class HistoryRecorder(Callback):
         if loss is None:
             return
         n = len(batch["labels"])
-        self._loss_sum, self._loss_n = self._loss_sum + float(loss) * n, self._loss_n + n
+        loss = loss.detach().float()  # stays on the device: read once per epoch, never per step
+        self._loss_sum, self._loss_n = self._loss_sum + loss * n, self._loss_n + n
         if trainer.global_step % self.every_n_steps == 0:
-            self.steps["step"].append(trainer.global_step)
-            self.steps["train_loss"].append(float(loss))
+            self._pending_steps.append((trainer.global_step, loss))
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._v0, self._vc0 = time.perf_counter(), time.process_time()
@@ -309,7 +383,8 @@ class HistoryRecorder(Callback):
         e = self.epochs
         e["epoch"].append(trainer.current_epoch)
         e["step"].append(trainer.global_step)
-        e["train_loss"].append(self._loss_sum / self._loss_n if self._loss_n else None)
+        self._flush_steps()
+        e["train_loss"].append(float(self._loss_sum) / self._loss_n if self._loss_n else None)
         e["val_loss"].append(self._pending_val[0])
         e["val_acc"].append(self._pending_val[1])
         e["lr"].append(lrs[0] if lrs else None)
@@ -318,7 +393,11 @@ class HistoryRecorder(Callback):
         e["val_wall_s"].append(self._val_s)
         self._pending_val = (None, None)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._flush_steps()
+
     def state_dict(self) -> dict[str, Any]:
+        self._flush_steps()
         return {"steps": self.steps, "epochs": self.epochs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -333,16 +412,21 @@ def _num(value: Any) -> float | None:
 
 
 class AdapterCheckpoint(Callback):
-    """Writes ``<dirpath>/last.ckpt`` (adapter tensors, optimizer, scheduler, loops, callbacks, RNG) at every
-    epoch end and, if ``every_n_steps``, every that many steps.
+    """Writes ``<dirpath>/last.ckpt`` (adapter tensors, optimizer, scheduler, loops, callbacks, RNG) at the
+    end of an epoch once at least ``min_interval_s`` seconds have passed since the last one (0: every epoch
+    end) and, if ``every_n_steps``, every that many steps.
 
-    The module keeps only trainable tensors in the checkpoint (``AdapterModule.on_save_checkpoint``).
-    Resuming from an epoch-end checkpoint is exact; from a mid-epoch one Lightning restarts the epoch's
-    data iterator, so the rest of that epoch sees a different order (Lightning warns).
+    The interval bounds what an interruption can lose (a minute of training by default) without writing a
+    checkpoint after each of the many short epochs of a small-data run. The module keeps only trainable
+    tensors in the checkpoint (``AdapterModule.on_save_checkpoint``). Resuming from an epoch-end checkpoint is
+    exact; from a mid-epoch one Lightning restarts the epoch's data iterator, so the rest of that epoch sees a
+    different order (Lightning warns).
     """
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int | None = None):
+    def __init__(self, dirpath: str | Path, every_n_steps: int | None = None, min_interval_s: float = 0.0):
         self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
+        self.min_interval_s = float(min_interval_s)
+        self._saved_at = time.monotonic()
 
     @property
     def last(self) -> Path:
@@ -356,13 +440,32 @@ class AdapterCheckpoint(Callback):
         trainer.save_checkpoint(tmp)  # written by global rank 0 only (Lightning)
         if trainer.is_global_zero:
             os.replace(tmp, self.last)  # atomic: a killed run leaves the previous last.ckpt
+        self._saved_at = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._saved_at = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._save(trainer)
+        if time.monotonic() - self._saved_at >= self.min_interval_s:
+            self._save(trainer)
+
+
+class ValidationSchedule(Callback):
+    """Validates after at most ``max_validations`` epochs, evenly spaced and always including the last one
+    (0: after every epoch). A run on 1% of the data trains dozens of short epochs; validating after each
+    would cost more than the training itself."""
+
+    def __init__(self, epochs: int, max_validations: int = 0):
+        k = min(epochs, max_validations) if max_validations > 0 else epochs
+        self.epochs = {max(0, round((i + 1) * epochs / k) - 1) for i in range(k)}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # Lightning validates an epoch when (epoch + 1) % check_val_every_n_epoch == 0
+        trainer.check_val_every_n_epoch = 1 if trainer.current_epoch in self.epochs else 10**9
 
 
 def default_callbacks(
@@ -370,6 +473,7 @@ def default_callbacks(
     every_n_steps: int = 10,
     max_grad_records: int = 5000,
     ckpt_every_n_steps: int | None = None,
+    ckpt_min_interval_s: float = 0.0,
 ) -> dict[str, Callback]:
     """The diagnostics every run records, by name; add ``checkpoint`` when ``run_dir`` is given."""
     callbacks: dict[str, Callback] = {
@@ -377,10 +481,11 @@ def default_callbacks(
         "tau": TauRecorder(every_n_steps),
         "magnitude": MagnitudeRecorder(every_n_steps),
         "grad_norm": GradNormRecorder(max_grad_records),
-        "guard": NonFiniteGuard(),
+        "guard": NonFiniteGuard(every_n_steps),
     }
     if run_dir is not None:
-        callbacks["checkpoint"] = AdapterCheckpoint(Path(run_dir) / "checkpoints", ckpt_every_n_steps)
+        callbacks["checkpoint"] = AdapterCheckpoint(Path(run_dir) / "checkpoints", ckpt_every_n_steps,
+                                                    ckpt_min_interval_s)
     return callbacks
 
 

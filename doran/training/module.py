@@ -73,7 +73,8 @@ class AdapterModule(pl.LightningModule):
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss, n = self.training_loss(batch)
-        if not torch.isfinite(loss):
+        self.last_loss = loss.detach()  # NonFiniteGuard checks it on the device (GPU) ...
+        if loss.device.type == "cpu" and not torch.isfinite(loss):  # ... or here, where a check costs nothing
             # returning None skips backward and the optimizer step; NonFiniteGuard stops the run
             self.nonfinite = {"step": int(self.global_step), "epoch": int(self.current_epoch),
                               "batch": int(batch_idx), "cause": f"training loss is {loss.item()}"}
