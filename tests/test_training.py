@@ -344,7 +344,8 @@ def test_gradient_norms_equal_a_direct_computation(tokenizer):
     import doran
 
     class Direct(pl.Callback):  # the norms as the recorder used to compute them, one tensor at a time
-        rows: list = []
+        def __init__(self):
+            self.rows = []
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             parts = {}
