@@ -64,7 +64,7 @@ figures:  ## every figure in figures/ from the saved results (trains nothing; FI
 	$(PY) -m experiments.collect --profile $(PROFILE)
 	$(PY) -m experiments.plots --profile $(PROFILE) $(if $(filter default,$(PROFILE)),--out $(FIGURES),)
 	$(PY) -m benchmarks.plot --out $(FIGURES)
-	$(PY) -m experiments.multigpu_report experiments/results/lm-multigpu/curves-*.json --plot $(FIGURES)/multigpu_loss
+	$(PY) -m experiments.multigpu_report experiments/results/lm-multigpu/curves-*.json* --plot $(FIGURES)/multigpu_loss
 
 results-table:  ## the README's results table from the saved results (trains nothing)
 	$(PY) -m experiments.collect --profile $(PROFILE) $(README_TABLE)

@@ -9,11 +9,12 @@ Example::
 
     from doran.results import atomic_write_json, environment, make_run_id
     run_id = make_run_id(config)                  # "doran-s1-f0.1-3f9a0c2e"
-    atomic_write_json(out / f"{run_id}.json", {"run_id": run_id, **result, "env": environment()})
+    atomic_write_json(result_path(out, run_id), {"run_id": run_id, **result, "env": environment()})
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -84,25 +85,83 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+#: a run's result file: ``<out>/<run_id>.json.gz`` (gzip JSON; files of older versions end in ``.json``)
+RESULT_SUFFIX = ".json.gz"
+#: the parts of a result that are traces over training steps: stored with ``TRACE_DIGITS`` significant digits
+TRACE_KEYS = ("curves", "tau", "magnitude", "grad_norm")
+TRACE_DIGITS = 5
+
+
+def result_path(out: str | Path, run_id: str) -> Path:
+    """Where the result of ``run_id`` is written: ``<out>/<run_id>.json.gz``."""
+    return Path(out) / f"{run_id}{RESULT_SUFFIX}"
+
+
+def find_result(out: str | Path, run_id: str) -> Path | None:
+    """The result file of ``run_id`` in ``out`` (this version's ``.json.gz`` or an older ``.json``), or None."""
+    for suffix in (RESULT_SUFFIX, ".json"):
+        path = Path(out) / f"{run_id}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def result_files(folder: str | Path) -> list[Path]:
+    """Every run's result file in ``folder`` (not ``sweep.json``, not ``*.error.json``), sorted by name."""
+    folder = Path(folder)
+    found = [*folder.glob(f"*{RESULT_SUFFIX}"), *folder.glob("*.json")]
+    return sorted(p for p in found if p.name != "sweep.json" and not p.name.endswith(".error.json"))
+
+
+def run_id_of_file(path: str | Path) -> str:
+    """The run_id a result file is named after."""
+    name = Path(path).name
+    return name[: -len(RESULT_SUFFIX)] if name.endswith(RESULT_SUFFIX) else Path(name).stem
+
+
+def _round(obj: Any, digits: int) -> Any:
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v, digits) for v in obj]
+    return obj
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file, gzip-compressed (``.gz``) or not."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically: a killed writer leaves the old file or nothing.
 
     The JSON goes to a temporary file in the same folder, is flushed and fsync'ed, then ``os.replace``
     swaps it in (atomic on POSIX and Windows within one filesystem) and the folder is fsync'ed so the rename
     itself survives a crash. On any error the temporary file is removed and the error re-raised.
-    Non-finite floats are written as null (JSON has no NaN).
+    Non-finite floats are written as null (JSON has no NaN). A path ending in ``.gz`` is written as compact
+    gzip-compressed JSON (the same bytes for the same content: no time stamp in the gzip header).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(obj), indent=1, sort_keys=False, allow_nan=False)
+    if path.suffix == ".gz":
+        text = json.dumps(_jsonable(obj), separators=(",", ":"), allow_nan=False)
+        data = gzip.compress(text.encode("utf-8"), compresslevel=9, mtime=0)
+    else:
+        data = (json.dumps(_jsonable(obj), indent=1, sort_keys=False, allow_nan=False) + "\n").encode("utf-8")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     try:
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; a result file is as readable as any other
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -125,17 +184,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 def write_result(result: dict[str, Any], path: str | Path, run_dir: str | Path,
                  keep_checkpoints: bool) -> None:
-    """Check a finished run's result, write it atomically and drop its checkpoints unless kept."""
+    """Check a finished run's result, write it atomically (its traces to ``TRACE_DIGITS`` significant
+    digits) and drop its checkpoints unless kept."""
     validate_result(result, source=str(result.get("run_id", path)))
+    result = {k: _round(_jsonable(v), TRACE_DIGITS) if k in TRACE_KEYS else v for k, v in result.items()}
     atomic_write_json(path, result)
     if not keep_checkpoints:
         shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
 
 
 def read_result(path: str | Path) -> dict[str, Any]:
-    """Load a result file and check its schema (see ``validate_result``)."""
-    with open(path, encoding="utf-8") as f:
-        result = json.load(f)
+    """Load a result file (``.json.gz`` or ``.json``) and check its schema (see ``validate_result``)."""
+    result = read_json(path)
     validate_result(result, source=str(path))
     return result
 

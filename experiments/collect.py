@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.constants import RESULTS_DIR, SWEEP_FILE, SWEEPS, method_order, param_groups
+from doran.results import find_result, read_json, result_files, run_id_of_file
 from experiments.runner import read_manifest
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
@@ -106,10 +106,12 @@ def reach_fraction(fractions: Sequence[float], accs: Sequence[float], target: fl
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json(path)
+    except (OSError, ValueError, EOFError):
         return None
 
 
@@ -119,8 +121,8 @@ def _entries(folder: Path, include_all: bool) -> list[dict[str, Any]]:
     entries = list(manifest.get("entries", {}).values())
     if include_all or not entries:
         known = {e["run_id"] for e in entries}
-        for path in sorted(folder.glob("*.json")):
-            if path.name == SWEEP_FILE or path.name.endswith(".error.json") or path.stem in known:
+        for path in result_files(folder):
+            if run_id_of_file(path) in known:
                 continue
             r = _read_json(path)
             if r and "run_id" in r:
@@ -222,7 +224,7 @@ def load_sweep_folder(
     manifest = read_manifest(folder)
     rows, taus, grads = [], [], []
     for entry in _entries(folder, include_all):
-        result = _read_json(folder / f"{entry['run_id']}.json")
+        result = _read_json(find_result(folder, entry["run_id"]))
         error = _read_json(folder / f"{entry['run_id']}.error.json") if result is None else None
         rows.append(_row(entry, result, error))
         if result is None:

@@ -115,7 +115,8 @@ class TrainConfig:
 @dataclass
 class DiagnosticsConfig:
     every_n_steps: int = 10  # tau, magnitude and train-loss records every this many optimizer steps
-    max_grad_records: int = 5000  # adapter-gradient norms: every step up to this many records, then strided
+    max_points: int = 100  # ... or sparser: at most about this many tau / magnitude records per projection
+    max_grad_records: int = 1000  # adapter-gradient norms: every step up to this many records, then strided
 
 
 @dataclass

@@ -229,7 +229,9 @@ class Point:
 
     @property
     def result_path(self) -> Path:
-        return self.out / f"{self.run_id}.json"
+        from doran.results import result_path
+
+        return result_path(self.out, self.run_id)
 
     @property
     def error_path(self) -> Path:

@@ -1,6 +1,6 @@
 """Compare LM runs on different numbers of devices: loss curves (same global batch) and throughput.
 
-    python -m experiments.multigpu_report experiments/results/lm-multigpu/*.json
+    python -m experiments.multigpu_report experiments/results/lm-multigpu/*.json*
 
 Prints a Markdown table, one row per run: devices, strategy, steps, final loss, the largest per-step loss
 difference against the 1-device run with the same base-weight dtype, tokens/s and the speed-up over it.
@@ -9,13 +9,14 @@ difference against the 1-device run with the same base-weight dtype, tokens/s an
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from doran.results import read_json
+
 
 def summarise(paths: list[str]) -> str:
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [read_json(p) for p in paths]
 
     def global_batch(r: dict) -> int:
         t = r["config"]["train"]
@@ -70,7 +71,7 @@ def plot(paths: list[str], out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [read_json(p) for p in paths]
     fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(11, 4))
     styles = {("auto", 1): ("1 GPU", "-", 2.5), ("ddp", 2): ("2 GPUs, DDP", "--", 1.5),
               ("fsdp", 2): ("2 GPUs, FSDP", ":", 1.5)}

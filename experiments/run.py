@@ -11,7 +11,7 @@ overrides (dotted keys, or a leaf name that is unique, e.g. ``lr=5e-4``; values 
 error that says "did you mean". Everything (method, fraction, paths, every data record) is validated before a
 model is loaded.
 
-Output: ``<out>/<run_id>.json`` (written atomically) and ``<out>/<run_id>/`` (adapter.safetensors, and
+Output: ``<out>/<run_id>.json.gz`` (gzip JSON, written atomically) and ``<out>/<run_id>/`` (adapter.safetensors, and
 checkpoints/last.ckpt while the run is unfinished). ``run_id = <method>-s<seed>-f<fraction>-<hash>``, the hash
 covering the config and the data's content. A run whose result file exists is skipped (``runtime.force=true``
 re-runs it); an interrupted run resumes from its last checkpoint. Exit status: 0 completed, 3 failed (NaN/inf
@@ -146,11 +146,12 @@ def run(
     data_sha256 = splits.fingerprint()
     run_id = run_id_of(cfg, data_sha256)
     out = Path(cfg.out)
-    result_path, run_dir = out / f"{run_id}.json", out / run_id
-    if result_path.exists() and not rt.force:
+    result_path, run_dir = results.result_path(out, run_id), out / run_id
+    existing = results.find_result(out, run_id)
+    if existing is not None and not rt.force:
         if verbose:
-            print(f"[run] {result_path} exists, skipping (runtime.force=true re-runs it)")
-        return results.read_result(result_path)
+            print(f"[run] {existing} exists, skipping (runtime.force=true re-runs it)")
+        return results.read_result(existing)
     if rt.threads:
         torch.set_num_threads(int(rt.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -170,7 +171,7 @@ def run(
     # 3. train (resuming from the run's last checkpoint if an earlier attempt was interrupted)
     diag = cfg.diagnostics
     cbs = default_callbacks(run_dir, diag.every_n_steps, diag.max_grad_records, rt.ckpt_every_n_steps,
-                            rt.ckpt_min_interval_s)
+                            rt.ckpt_min_interval_s, diag.max_points)
     cbs["validation"] = ValidationSchedule(epochs, t.max_validations)
     progress = sys.stderr.isatty() if rt.progress_bar == "auto" else rt.progress_bar in (True, "true", "on")
     precision = resolve_precision(t.precision)

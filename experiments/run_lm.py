@@ -75,11 +75,12 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
     data_sha256 = data_identity(cfg)
     run_id = results.make_run_id(cfg.to_dict(), data_sha256)
     out = Path(cfg.out)
-    result_path, run_dir = out / f"{run_id}.json", out / run_id
-    if result_path.exists() and not rt.force:
+    result_path, run_dir = results.result_path(out, run_id), out / run_id
+    existing = results.find_result(out, run_id)
+    if existing is not None and not rt.force:
         if verbose:
-            print(f"[run_lm] {result_path} exists, skipping (runtime.force=true re-runs it)")
-        return results.read_result(result_path)
+            print(f"[run_lm] {existing} exists, skipping (runtime.force=true re-runs it)")
+        return results.read_result(existing)
     if rt.threads:
         torch.set_num_threads(int(rt.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -111,14 +112,14 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
 
     diag = cfg.diagnostics
     cbs = default_callbacks(run_dir, diag.every_n_steps, diag.max_grad_records, rt.ckpt_every_n_steps,
-                            rt.ckpt_min_interval_s)
+                            rt.ckpt_min_interval_s, diag.max_points)
     cbs.pop("history")  # classification curves; the LM records step losses below
     if t.strategy == "fsdp":
         from doran.training import fsdp_safe
         from doran.training import MagnitudeRecorder, TauRecorder
 
-        cbs["tau"] = fsdp_safe(TauRecorder)(diag.every_n_steps)
-        cbs["magnitude"] = fsdp_safe(MagnitudeRecorder)(diag.every_n_steps)
+        cbs["tau"] = fsdp_safe(TauRecorder)(diag.every_n_steps, diag.max_points)
+        cbs["magnitude"] = fsdp_safe(MagnitudeRecorder)(diag.every_n_steps, diag.max_points)
         cbs.pop("grad_norm")  # gradients are sharded; per-group norms would need a reduction across ranks
     steps = StepLossRecorder()
     progress = sys.stderr.isatty() if rt.progress_bar == "auto" else rt.progress_bar in (True, "true", "on")

@@ -103,24 +103,30 @@ def record_error(
 
 def find_finished(point: Point, results_dir: Path) -> Path | None:
     """A completed result with ``point.run_id`` in another sweep folder of the same profile, if any."""
+    from doran.results import find_result, read_json
+
     profile_dir = Path(results_dir) / point.out.parent.name
-    for candidate in sorted(profile_dir.glob(f"*/{point.run_id}.json")):
-        if candidate.parent != point.out:
-            try:
-                data = json.loads(candidate.read_text())
-            except (ValueError, OSError):
-                continue
-            if data.get("status") == "completed":
-                return candidate
+    for folder in sorted(p for p in profile_dir.glob("*") if p.is_dir() and p != point.out):
+        candidate = find_result(folder, point.run_id)
+        if candidate is None:
+            continue
+        try:
+            data = read_json(candidate)
+        except (ValueError, OSError):
+            continue
+        if data.get("status") == "completed":
+            return candidate
     return None
 
 
 def state(point: Point) -> str:
     """``done`` (result exists), ``diverged`` (result with status failed), ``error`` (raised), ``todo``."""
+    from doran.results import read_json
+
     if point.result_path.is_file():
         try:
-            status = json.loads(point.result_path.read_text()).get("status")
-        except (ValueError, OSError):
+            status = read_json(point.result_path).get("status")
+        except (ValueError, OSError, EOFError):
             return "todo"
         return "done" if status == "completed" else "diverged"
     return "error" if point.error_path.is_file() else "todo"
@@ -259,9 +265,9 @@ def run_points(
             out.skipped += 1
             continue
         if reuse and (found := find_finished(p, results_dir)) is not None:
-            from doran.results import atomic_write_json
+            from doran.results import atomic_write_json, read_json
 
-            atomic_write_json(p.result_path, json.loads(found.read_text()))
+            atomic_write_json(p.result_path, read_json(found))
             p.error_path.unlink(missing_ok=True)
             out.reused += 1
             continue

@@ -185,7 +185,7 @@ def test_bad_input_exits_2_before_any_model_is_loaded(tmp_path, monkeypatch, cap
 def test_tiny_vit_on_a_vtab_layout_runs_end_to_end(tmp_path, capsys):
     root = write_vtab(tmp_path / "vtab")
     assert main(tiny_vit(root, tmp_path / "out")) == 0
-    files = list((tmp_path / "out").glob("*.json"))
+    files = results.result_files(tmp_path / "out")
     assert len(files) == 1
     r = results.read_result(files[0])
     assert r["status"] == "completed" and r["method"] == "doran" and r["failure"] is None
@@ -228,7 +228,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
 
     cfg = load_config(None, tiny_text(tmp_path / "b", *args))
     run_id = run_id_of(cfg)
-    result_path = Path(cfg.out) / f"{run_id}.json"
+    result_path = results.result_path(cfg.out, run_id)
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(cfg, callbacks=[Kill()], verbose=False)
     assert not result_path.exists()
@@ -260,7 +260,7 @@ def test_a_nan_loss_writes_a_failed_result_with_step_and_cause(tmp_path):
     r = run(cfg, callbacks=[Poison()], verbose=False)
     assert r["status"] == "failed" and r["failure"]["step"] == 2 and "nan" in r["failure"]["cause"]
     assert "test/acc" not in r["metrics"] and r["curves"]["epochs"]["epoch"] == [0]
-    assert results.read_result(Path(cfg.out) / f"{r['run_id']}.json")["status"] == "failed"
+    assert results.read_result(results.result_path(cfg.out, r["run_id"]))["status"] == "failed"
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from doran import results
 from doran.data import stratified_subset
 from experiments import collect, grid, plots, runner, sweep, tune
 from experiments.constants import PROFILE_DIR, all_methods
@@ -25,9 +26,8 @@ SMOKE_SWEEPS = ("sample_efficiency", "ablation_tau", "ablation_hypernet")
 def _results(folder: Path) -> dict[str, dict]:
     """run_id -> result of every result file in a sweep folder."""
     out = {}
-    for path in sorted(folder.glob("*.json")):
-        if path.name != "sweep.json" and not path.name.endswith(".error.json"):
-            out[path.stem] = json.loads(path.read_text())
+    for path in results.result_files(folder):
+        out[results.run_id_of_file(path)] = results.read_json(path)
     return out
 
 

@@ -54,6 +54,15 @@ class _Columns(Callback):
         self.columns = state["columns"]
 
 
+def _stride(trainer: pl.Trainer, every_n_steps: int, max_points: int) -> int:
+    """Every ``every_n_steps`` steps, or sparser so that a run records at most about ``max_points`` points
+    (0: no limit): a long run's trace is kept at the resolution a figure needs."""
+    if max_points <= 0:
+        return every_n_steps
+    total = int(trainer.estimated_stepping_batches)
+    return max(every_n_steps, math.ceil(total / max_points))
+
+
 class TauRecorder(_Columns):
     """Records tau of every adapted projection: columns step, layer, projection, module, tau, tau_abs.
 
@@ -62,10 +71,14 @@ class TauRecorder(_Columns):
     the end of training. Methods with tau = 0 (LoRA, DoRA) record nothing.
     """
 
-    def __init__(self, every_n_steps: int = 10):
+    def __init__(self, every_n_steps: int = 10, max_points: int = 0):
         super().__init__()
         self.every_n_steps = max(1, int(every_n_steps))
+        self.max_points = int(max_points)
         self._last = -1
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self.every_n_steps = _stride(trainer, self.every_n_steps, self.max_points)
 
     def _record(self, pl_module: AdapterModule, step: int) -> None:
         if step == self._last or pl_module.adapter_config.tau_mode == "zero":
@@ -105,11 +118,15 @@ class MagnitudeRecorder(_Columns):
     """Magnitude statistics per projection: columns step, layer, projection, module, mean, std, min, max,
     rel_change (``||m - m_0|| / ||m_0||``, m_0 the magnitude at the start of training). DoRA family only."""
 
-    def __init__(self, every_n_steps: int = 10):
+    def __init__(self, every_n_steps: int = 10, max_points: int = 0):
         super().__init__()
         self.every_n_steps = max(1, int(every_n_steps))
+        self.max_points = int(max_points)
         self.initial: dict[str, torch.Tensor] = {}
         self._last = -1
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self.every_n_steps = _stride(trainer, self.every_n_steps, self.max_points)
 
     def _record(self, pl_module: AdapterModule, step: int) -> None:
         if step == self._last:
@@ -474,12 +491,13 @@ def default_callbacks(
     max_grad_records: int = 5000,
     ckpt_every_n_steps: int | None = None,
     ckpt_min_interval_s: float = 0.0,
+    max_points: int = 0,
 ) -> dict[str, Callback]:
     """The diagnostics every run records, by name; add ``checkpoint`` when ``run_dir`` is given."""
     callbacks: dict[str, Callback] = {
         "history": HistoryRecorder(every_n_steps),
-        "tau": TauRecorder(every_n_steps),
-        "magnitude": MagnitudeRecorder(every_n_steps),
+        "tau": TauRecorder(every_n_steps, max_points),
+        "magnitude": MagnitudeRecorder(every_n_steps, max_points),
         "grad_norm": GradNormRecorder(max_grad_records),
         "guard": NonFiniteGuard(every_n_steps),
     }
