@@ -39,6 +39,7 @@ from .splits import (
     stratified_split,
     stratified_subset,
     subset_hash,
+    subset_size,
 )
 from .tables import (
     MAX_FIELD_CHARS,
@@ -81,5 +82,6 @@ __all__ = [
     "stratified_split",
     "stratified_subset",
     "subset_hash",
+    "subset_size",
     "timm_transforms",
 ]

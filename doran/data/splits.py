@@ -67,25 +67,54 @@ def stratified_split(
     return tuple(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts)
 
 
-def stratified_subset(labels: Sequence[int], fraction: float, seed: int) -> np.ndarray:
+def _check_min_per_class(min_per_class: int) -> int:
+    if isinstance(min_per_class, bool) or not isinstance(min_per_class, (int, np.integer)) or min_per_class < 1:
+        raise ValueError(f"min_per_class must be an integer >= 1, got {min_per_class!r}")
+    return int(min_per_class)
+
+
+def _class_quota(n_c: int, fraction: float, min_per_class: int) -> int:
+    """How many of a class's ``n_c`` examples a subset keeps: the one place the subset-size rule lives.
+
+    ``max(min_per_class, ceil(fraction * n_c))``, capped at ``n_c``; the 1e-9 makes 0.3 * 10 give 3, not 4.
+    """
+    return min(n_c, max(min_per_class, math.ceil(fraction * n_c - 1e-9)))
+
+
+def subset_size(labels: Sequence[int], fraction: float, min_per_class: int = 1) -> int:
+    """Number of examples in ``stratified_subset(labels, fraction, seed, min_per_class)``, for every seed.
+
+    >>> subset_size([0] * 10 + [1] * 3, fraction=0.3)
+    4
+    >>> subset_size([0] * 10 + [1] * 3, fraction=0.3, min_per_class=2)
+    5
+    """
+    fraction, min_per_class = check_fraction(fraction), _check_min_per_class(min_per_class)
+    counts = np.unique(np.asarray(labels, dtype=np.int64), return_counts=True)[1]
+    return sum(_class_quota(int(n), fraction, min_per_class) for n in counts)
+
+
+def stratified_subset(
+    labels: Sequence[int], fraction: float, seed: int, min_per_class: int = 1
+) -> np.ndarray:
     """Indices of a deterministic, stratified, nested subset holding ``fraction`` of the examples.
 
     Per class ``c`` with ``n_c`` examples: permute its indices with a generator seeded by ``(seed, c)`` and
-    keep the first ``max(1, ceil(fraction * n_c))``. Hence, for one seed, the subset for a smaller fraction is
-    a prefix of the one for a larger fraction (nested), every class keeps at least one example, and the same
-    seed gives every method the same subset. Returns sorted ``int64`` indices into ``labels``.
+    keep the first ``max(min_per_class, ceil(fraction * n_c))``, at most ``n_c`` (``subset_size`` gives the
+    total). Hence, for one seed, the subset for a smaller fraction is a prefix of the one for a larger
+    fraction (nested), every class keeps at least ``min_per_class`` examples (all of them if it has fewer),
+    and the same seed gives every method the same subset. Returns sorted ``int64`` indices into ``labels``.
 
     >>> stratified_subset([0, 0, 0, 0, 1], fraction=0.5, seed=0).tolist()  # doctest: +SKIP
     [1, 3, 4]
     """
-    fraction = check_fraction(fraction)
+    fraction, min_per_class = check_fraction(fraction), _check_min_per_class(min_per_class)
     y = np.asarray(labels, dtype=np.int64)
     keep = []
     for cls in np.unique(y):
         idx = np.flatnonzero(y == cls)
         perm = idx[_class_rng(seed, cls, _SUBSET).permutation(len(idx))]
-        n_keep = max(1, math.ceil(fraction * len(idx) - 1e-9))  # 1e-9: 0.3 * 10 must give 3, not 4
-        keep.append(perm[:n_keep])
+        keep.append(perm[: _class_quota(len(idx), fraction, min_per_class)])
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
