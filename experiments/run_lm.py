@@ -44,7 +44,7 @@ def load_config(
 def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Check every value that can be checked without loading data or models."""
     import doran
-    from doran import commonsense as cs
+    from doran.data import commonsense as cs
     from doran.lm import RANDOM_LLAMA, SMOLLM2
 
     cfg = copy.deepcopy(cfg)
@@ -143,7 +143,7 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     rt, m, d, t, ev = cfg["runtime"], cfg["model"], cfg["data"], cfg["train"], cfg["eval"]
-    from doran import commonsense as cs
+    from doran.data import commonsense as cs
 
     # every training and test record is read and checked before any model loads
     record_counts = cs.validate_files(d["train_paths"], d["test_paths"])
@@ -324,7 +324,7 @@ def run(cfg: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from doran.commonsense import CommonsenseDataError
+    from doran.data.commonsense import CommonsenseDataError
     from doran.lm import ModelFilesError
 
     return cli(argv, "python -m experiments.run_lm", __doc__, DEFAULT_CONFIG, load_config, run,
@@ -340,7 +340,7 @@ def data_identity(cfg: dict[str, Any]) -> str:
 
 def run_id_of(cfg: dict[str, Any]) -> str:
     """The run_id of the resolved config: its config and the content of its data files."""
-    from doran import commonsense as cs
+    from doran.data import commonsense as cs
     from doran.results import make_run_id
 
     cs.validate_files(cfg["data"]["train_paths"], cfg["data"]["test_paths"])

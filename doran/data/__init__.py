@@ -1,8 +1,8 @@
 """Datasets, data modules, deterministic subsets and data validation.
 
-Subsets and splits of label lists: ``splits``; readers: ``tables`` (text), ``images`` (VTAB-1K, FGVC, ImageFolder),
-returning ``records`` (``Split``, ``Splits``) or raising ``errors.DataError``; ``load.load_splits``: the entry point;
-torch datasets, sampler, data module: ``datasets``.
+Subsets and splits of label lists: ``splits``. Readers that validate files: ``tables`` (text), ``images``
+(VTAB-1K, FGVC, ImageFolder), giving ``records`` or raising ``errors.DataError``; entry point: ``load``.
+Torch datasets and data module: ``datasets``. Suites: ``textsuite``, ``imagesuite``, ``commonsense`` (LM).
 
 Example::
 

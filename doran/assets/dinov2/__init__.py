@@ -689,7 +689,7 @@ def probe(
     """
     from torch.utils.data import DataLoader
 
-    from doran import imagesuite
+    from doran.data import imagesuite
 
     if threads:
         torch.set_num_threads(threads)

@@ -33,13 +33,13 @@ writes ``DIR/<task>.jsonl.xz`` plus ``DIR/manifest.json`` (sha256 of each file, 
 
 Example::
 
-    from doran.textsuite import TASKS, load_task
+    from doran.data.textsuite import TASKS, load_task
     splits, stats = load_task("trec6")
     splits.train.inputs[0], splits.label_names[splits.train.labels[0]]   # ('How did serfdom ...', 'DESC')
     stats["train_test_overlap_removed"]                                  # 10 training questions also in test
 
-Command line: ``python -m doran.textsuite summary`` prints a markdown table of every task;
-``python -m doran.textsuite export DIR`` writes the export.
+Command line: ``python -m doran.data.textsuite summary`` prints a markdown table of every task;
+``python -m doran.data.textsuite export DIR`` writes the export.
 """
 
 from __future__ import annotations
@@ -682,7 +682,7 @@ def _read_manifest(suite_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(
             f"{path}: no such file; ${ENV_SUITE_DIR} must name a folder written by "
-            "`python -m doran.textsuite export DIR` (or unset it to read the archives)"
+            "`python -m doran.data.textsuite export DIR` (or unset it to read the archives)"
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -691,7 +691,7 @@ def _read_manifest(suite_dir: Path) -> dict[str, Any]:
     if manifest.get("suite_version") != SUITE_VERSION:
         raise DataError(
             f"{path}: written by suite protocol v{manifest.get('suite_version')}, this code is "
-            f"v{SUITE_VERSION}; export the suite again with `python -m doran.textsuite export DIR`"
+            f"v{SUITE_VERSION}; export the suite again with `python -m doran.data.textsuite export DIR`"
         )
     return manifest
 
@@ -753,7 +753,7 @@ def _load_export(task: Task, suite_dir: Path) -> tuple[Splits, dict[str, Any]]:
     if entry is None:
         raise DataError(
             f"{suite_dir / MANIFEST_NAME}: task {task.name!r} was not exported (it has "
-            f"{sorted(manifest['tasks'])}); run `python -m doran.textsuite export DIR {task.name}` where the "
+            f"{sorted(manifest['tasks'])}); run `python -m doran.data.textsuite export DIR {task.name}` where the "
             "archives are"
         )
     path = suite_dir / entry["file"]
@@ -822,8 +822,8 @@ def summary_table(stats: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m doran.textsuite summary [TASK ...]`` or ``export DIR [TASK ...] [--compression gz]``."""
-    parser = argparse.ArgumentParser(prog="python -m doran.textsuite", description=main.__doc__)
+    """``python -m doran.data.textsuite summary [TASK ...]`` or ``export DIR [TASK ...] [--compression gz]``."""
+    parser = argparse.ArgumentParser(prog="python -m doran.data.textsuite", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     summary = sub.add_parser("summary", help="print a markdown table of every task's sizes and removals")
     summary.add_argument("tasks", nargs="*", help=f"tasks (default: all): {', '.join(TASKS)}")

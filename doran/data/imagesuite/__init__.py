@@ -27,13 +27,13 @@ Where the images come from:
 
 Example::
 
-    from doran.imagesuite import ArrayImageDataset, load_task
+    from doran.data.imagesuite import ArrayImageDataset, load_task
     from doran.assets.dinov2 import IMAGE_MEAN, IMAGE_STD
     splits, info = load_task("elpv_defect")          # 800 / 200 / 1,624 uint8 (H, W) arrays
     train = ArrayImageDataset(splits.train, 112, IMAGE_MEAN, IMAGE_STD)
     train[0]["pixel_values"].shape                    # torch.Size([3, 112, 112])
 
-Command line: ``python -m doran.imagesuite table | export DIR``.
+Command line: ``python -m doran.data.imagesuite table | export DIR``.
 """
 
 from __future__ import annotations
@@ -508,7 +508,7 @@ def _task_record(task: ImageTask, labels: np.ndarray, parts: dict[str, np.ndarra
 
 
 def _read_export(folder: Path, dataset: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
-    fix = f"re-create it with `python -m doran.imagesuite export {folder}` or unset ${ENV_DIR}"
+    fix = f"re-create it with `python -m doran.data.imagesuite export {folder}` or unset ${ENV_DIR}"
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path}: no manifest (${ENV_DIR}={folder}); {fix}")
@@ -559,7 +559,7 @@ def _dataset(dataset: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str,
             except ArchiveError as err:
                 raise DataError(
                     f"image dataset {dataset!r}: {err}; or set ${ENV_DIR} to a folder written by "
-                    "`python -m doran.imagesuite export DIR`"
+                    "`python -m doran.data.imagesuite export DIR`"
                 ) from None
             _MEMO[key] = (images, annotations, None)
     images, annotations, manifest = _MEMO[key]
@@ -709,10 +709,10 @@ def task_table(tasks: Sequence[str] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m doran.imagesuite table`` | ``export DIR [--tasks ...]``."""
+    """``python -m doran.data.imagesuite table`` | ``export DIR [--tasks ...]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m doran.imagesuite", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m doran.data.imagesuite", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("table", help="print the tasks' split sizes and per-class counts")
     p_export = sub.add_parser("export", help=f"write a compact checked copy for ${ENV_DIR}")
