@@ -1,7 +1,7 @@
-"""``python -m doran.data.textsuite``: see ``main``."""
+"""``python -m doran.data.textsuite summary | export``: see ``cli.main``."""
 
 import sys
 
-from . import main
+from .cli import main
 
 sys.exit(main())
