@@ -1,7 +1,7 @@
-"""``python -m doran.data.imagesuite``: see ``main``."""
+"""``python -m doran.data.imagesuite table | export DIR``: see ``cli.main``."""
 
 import sys
 
-from . import main
+from .cli import main
 
 sys.exit(main())
