@@ -16,14 +16,14 @@ from .folder import load_backbone
 from .graph import ConversionError, final_layernorm_output
 
 #: Max abs error allowed between the converted float32 model's ``last_hidden_state`` and the ONNX graph's
-#: final LayerNorm output on the N(0, 1) verification input. Observed: 2.3e-5 at 224 px and 8e-6 at 112 px
-#: (outputs reach |8.4|): float32 summation order differs between onnxruntime and torch over 12 layers. A
-#: wrongly mapped or un-transposed weight gives errors of order 1, so 1e-4 separates the two by 4 orders.
+#: final LayerNorm output on the N(0, 1) verification input. float32 summation order differs between
+#: onnxruntime and torch over 12 layers, so the two agree only up to rounding; a wrongly mapped or
+#: un-transposed weight gives errors of order 1. ``conversion.json`` records the error of each conversion.
 ONNX_TOLERANCE = 1e-4
 #: Max abs error allowed between the float16 copy on disk (computed in float32) and the float32 model's
 #: ``last_hidden_state`` on the same input. float16 keeps 11 significant bits (relative rounding <= 4.9e-4
-#: per weight); through 12 layers this moves outputs of magnitude ~8 by up to ~1e-2 (observed: see
-#: conversion.json). Larger means a damaged or wrongly cast copy.
+#: per weight), which 12 layers accumulate (``conversion.json`` records the error of each conversion).
+#: Larger means a damaged or wrongly cast copy.
 FP16_TOLERANCE = 5e-2
 #: the verification inputs: (batch, 3, size, size) ~ N(0, 1) from this seed, at these sizes
 VERIFY_SEED = 0

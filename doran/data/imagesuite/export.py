@@ -53,10 +53,10 @@ def export_tasks(out_dir: str | Path, tasks: Sequence[str] | None = None) -> dic
     """Write the datasets of ``tasks`` (default: all) to ``out_dir`` for ``$DORAN_IMAGE_SUITE_DIR``.
 
     One compressed ``<dataset>.npz`` per dataset: the images at the stored resolution, losslessly, in the
-    smaller of two measured encodings (``SourceDataset.encoding``: ELPV as one PNG per image, 4.5 MB
-    against 6.1 MB for the deflated array; MNIST as the deflated uint8 array, 0.8 MB against 1.1 MB as
-    PNGs), plus the annotations; and ``manifest.json`` with each file's sha256 and size, image statistics,
-    licences, and each task's split sizes, per-class counts and index hashes. Returns the manifest.
+    smaller of two encodings for that dataset (``SourceDataset.encoding``: ELPV as one PNG per image, MNIST
+    as the deflated uint8 array), plus the annotations; and ``manifest.json`` with each file's sha256 and
+    size, image statistics, licences, and each task's split sizes, per-class counts and index hashes.
+    Returns the manifest.
     """
     names = list(tasks) if tasks is not None else list(TASKS)
     for name in names:

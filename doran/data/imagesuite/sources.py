@@ -143,7 +143,7 @@ def _save_npz_atomic(path: Path, compressed: bool = False, **arrays: np.ndarray)
 def read_elpv(size: int = ELPV_STORED_SIZE) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """ELPV: ``(images (2624, size, size) uint8, {"level": 0..3, "type": 0 mono / 1 poly})``, validated.
 
-    Decoding and resizing the 2,624 PNGs takes seconds, so the result is cached once under
+    Decoding and resizing the 2,624 PNGs is the slow part of a read, so the result is cached once under
     ``<archive cache>/../imagesuite/`` (named by the archive's sha256 and the size).
     """
     path = _cache_file("elpv", size)

@@ -23,8 +23,8 @@ SPLIT_SEED = 0
 #: floors of the stratified draws, so that a rare class (ELPV's p = 2/3: 106 of 2,624 cells) keeps enough
 #: training and validation examples: proportional allocation alone would give it 40 in the pool, 8 in val
 MIN_POOL_PER_CLASS, MIN_VAL_PER_CLASS = 50, 10
-#: ELPV's stored resolution (from 300 px). 56 px, PNG-compressed, keeps all 2,624 cells in ~4.6 MB; see
-#: docs/vision.md for the sizes of the other options and the probe that compared them
+#: ELPV's stored resolution (from 300 px); docs/vision.md compares it with the other options (size on disk
+#: and the linear probe)
 ELPV_STORED_SIZE = 56
 MNIST_SIZE = 28
 

@@ -23,7 +23,7 @@ from .readers import _READERS
 from .tasks import ENV_SUITE_DIR, MANIFEST_NAME, SUITE_VERSION, TASKS, Task, _task
 
 
-#: compression of export files: suffix and opener; xz is about a third smaller than gzip on this text
+#: compression of export files: suffix and opener; xz, the default, gives the smaller files
 _COMPRESSION: dict[str, tuple[str, Callable[..., Any]]] = {
     "xz": (".jsonl.xz", lzma.open),
     "gz": (".jsonl.gz", gzip.open),
@@ -89,7 +89,7 @@ def export_tasks(out_dir: str | Path, names: Sequence[str] | None = None, *, com
     """Write the processed splits of ``names`` (default: every task) for a machine without the archives.
 
     One file per task, ``<out_dir>/<task>.jsonl.xz`` (``compression="gz"``: ``.jsonl.gz``, faster to write,
-    a third larger), one JSON object per example: ``split``, ``text`` (and ``text_pair`` for boolq),
+    larger), one JSON object per example: ``split``, ``text`` (and ``text_pair`` for boolq),
     ``label``, ``line``; and ``<out_dir>/manifest.json`` with each file's sha256, size, label names,
     description and statistics. Tasks already in the manifest and not named are kept. Files are written
     atomically. Returns the manifest's path.
