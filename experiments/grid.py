@@ -285,12 +285,12 @@ def point_run_id(cfg: RunConfig) -> str:
 def estimate_cost(cfg: RunConfig) -> float:
     """Optimizer-step equivalents of a run, for the progress bar's ETA: training steps, evaluation (forward
     only: about a third of a training example's cost per example) and a constant for building the model."""
-    from doran.data import stratified_subset
+    from doran.data import subset_size
     from experiments.run import protocol_epochs
 
     splits = data_of(cfg)[0]
     t, limit = cfg.train, cfg.data.eval_limit
-    n_train = len(stratified_subset(splits.train.labels, cfg.fraction, 0))  # the same size for every seed
+    n_train = subset_size(splits.train.labels, cfg.fraction)  # the data module's rule: the same for every seed
     n_val, n_test = (min(len(s), limit or len(s)) for s in (splits.val, splits.test))
     epochs = protocol_epochs(t.epochs, t.min_steps, n_train, t.batch_size)
     steps = math.ceil(n_train / t.batch_size) * epochs

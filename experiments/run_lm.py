@@ -68,7 +68,7 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     rt, m, d, t, ev = cfg.runtime, cfg.model, cfg.data, cfg.train, cfg.eval
-    from doran import commonsense as cs
+    from doran.data import commonsense as cs
 
     # every training and test record is read and checked before any model loads
     record_counts = cs.validate_files(d.train_paths, d.test_paths)
@@ -248,7 +248,7 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from doran.commonsense import CommonsenseDataError
+    from doran.data.commonsense import CommonsenseDataError
     from doran.training import ModelFilesError
 
     return cli(argv, "python -m experiments.run_lm", __doc__, load_config, run, run_id_of,
@@ -264,7 +264,7 @@ def data_identity(cfg: LMRunConfig) -> str:
 
 def run_id_of(cfg: LMRunConfig) -> str:
     """The run_id of the resolved config: its config and the content of its data files (checked first)."""
-    from doran import commonsense as cs
+    from doran.data import commonsense as cs
     from doran.results import make_run_id
 
     cs.validate_files(cfg.data.train_paths, cfg.data.test_paths)

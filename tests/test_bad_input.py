@@ -103,7 +103,7 @@ def test_lm_records_are_checked_before_any_model_loads(tmp_path, capsys, no_mode
 
 
 def test_real_commonsense_files_pass_the_record_checks():
-    from doran import commonsense as cs
+    from doran.data import commonsense as cs
 
     root = REPO.parent / "shared" / "data" / "commonsense"
     if not root.is_dir():

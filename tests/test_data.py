@@ -27,6 +27,7 @@ from doran.data import (
     stratified_split,
     stratified_subset,
     subset_hash,
+    subset_size,
 )
 
 # 3 classes of very different sizes, one of them a single example
@@ -93,6 +94,47 @@ def test_fraction_out_of_range_is_an_error(fraction):
         stratified_subset(LABELS, fraction, seed=0)
     with pytest.raises(ValueError, match="fraction"):
         check_fraction(fraction)
+
+
+@pytest.mark.parametrize("min_per_class", [1, 2, 5])
+@pytest.mark.parametrize("fraction", FRACTIONS)
+def test_subset_size_is_the_size_of_the_subset(fraction, min_per_class):
+    for seed in (0, 1):
+        assert len(stratified_subset(LABELS, fraction, seed, min_per_class)) == subset_size(
+            LABELS, fraction, min_per_class
+        )
+    assert subset_size(LABELS, fraction) == sum(max(1, math.ceil(fraction * n - 1e-9)) for n in (200, 37, 1))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_min_per_class_default_is_the_old_subset(seed):
+    for fraction in FRACTIONS:
+        assert np.array_equal(stratified_subset(LABELS, fraction, seed), stratified_subset(LABELS, fraction, seed, 1))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_subsets_with_min_per_class_are_nested_across_fractions(seed):
+    subsets = [set(stratified_subset(LABELS, f, seed, min_per_class=2).tolist()) for f in FRACTIONS]
+    for small, large in itertools.pairwise(subsets):
+        assert small <= large
+    # and nested across floors: the floor only lengthens each class's prefix
+    assert set(stratified_subset(LABELS, 0.01, seed).tolist()) <= subsets[0]
+
+
+def test_min_per_class_two_keeps_two_where_the_class_has_two():
+    labels = [0] * 50 + [1] * 2 + [2] * 1
+    idx = stratified_subset(labels, 0.01, seed=0, min_per_class=2)
+    assert class_counts([labels[i] for i in idx], 3) == [2, 2, 1]  # a class of one keeps its one example
+    assert class_counts([labels[i] for i in stratified_subset(labels, 0.01, seed=0)], 3) == [1, 1, 1]
+    assert subset_size(labels, 0.01, min_per_class=2) == 5
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", None, True])
+def test_min_per_class_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="min_per_class"):
+        stratified_subset(LABELS, 0.1, seed=0, min_per_class=bad)
+    with pytest.raises(ValueError, match="min_per_class"):
+        subset_size(LABELS, 0.1, min_per_class=bad)
 
 
 def test_subset_hash_ignores_order_and_changes_with_content():

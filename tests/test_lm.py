@@ -11,7 +11,8 @@ import torch
 
 import doran
 import doran.training
-from doran import commonsense as cs
+from doran.data import commonsense as cs
+from doran.results import read_json
 from doran.training import ByteTokenizer, CausalLMModule, CommonsenseData, evaluate_tasks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "commonsense"
@@ -140,7 +141,7 @@ def test_run_lm_end_to_end_on_real_format_files(tmp_path):
     config = tmp_path / "real_format.yaml"
     config.write_text(yaml.safe_dump(smoke))
     _run_lm(tmp_path, config=config)
-    [path] = (tmp_path / "out").glob("*.json")
+    [path] = (tmp_path / "out").glob("*.json.gz")
     result = read_result(path)
     assert result["status"] == "completed"
     assert set(result["evaluation"]["tasks"]) == {"boolq", "piqa"}
@@ -172,7 +173,7 @@ def test_ddp_two_cpu_processes_give_identical_adapters(tmp_path):
         assert torch.equal(rank0[name], rank1[name]), name
     merged = load_file(run_dir / "adapter.safetensors")
     assert all(torch.equal(merged[n], rank0[n]) for n in rank0)
-    result = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    result = read_json(next((tmp_path / "out").glob("*.json.gz")))
     assert result["world_size"] == 2 and result["steps"] == 2
 
 
@@ -187,7 +188,7 @@ def test_ddp_loss_curve_matches_one_process_with_the_same_global_batch(tmp_path)
     _run_lm(tmp_path, "train.max_steps=3", "train.batch_size=8", config=config)
     _run_lm(tmp_path, "train.max_steps=3", "train.batch_size=4", "train.devices=2", "train.strategy=ddp",
             config=config)
-    runs = {r["world_size"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json"))}
+    runs = {r["world_size"]: r for r in (read_json(p) for p in (tmp_path / "out").glob("*.json.gz"))}
     one, two = runs[1]["curves"]["steps"]["loss"], runs[2]["curves"]["steps"]["loss"]
     assert len(one) == len(two) == 3
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)

@@ -368,7 +368,7 @@ def test_tiny_vit_trains_in_mixed_precision_on_gpu(tmp_path, method, precision):
         root, tmp_path / "out", f"method={method}", f"train.precision={precision}", "train.epochs=2"
     )
     assert main(args) == 0
-    r = results.read_result(next((tmp_path / "out").glob("*.json")))
+    r = results.read_result(next((tmp_path / "out").glob("*.json.gz")))
     expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     assert r["status"] == "completed" and r["device"]["type"] == "cuda"
     assert r["device"]["precision"] == (expected if precision == "auto" else precision)

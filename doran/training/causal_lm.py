@@ -3,7 +3,7 @@ generation, and adapter files gathered from any number of devices.
 
 The recipe of the DoRA paper for LLaMA-7B/13B on commonsense-170k: q/v adapters of rank 16 or 32, alpha 2r,
 dropout 0.05, AdamW at 2e-4, batch 16, 3 epochs, 100 warm-up steps, cutoff 256, loss on the response tokens
-only; evaluation by generation and answer extraction on eight test sets (``doran.commonsense``). Multi-GPU runs
+only; evaluation by generation and answer extraction on eight test sets (``doran.data.commonsense``). Multi-GPU runs
 use Lightning's strategies (``ddp``, ``fsdp``); adapter checkpoints are gathered to one file that loads on any
 number of devices.
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import doran
-from doran import commonsense as cs
+from doran.data import commonsense as cs
 
 from .module import AdapterModule
 

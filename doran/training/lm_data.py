@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from doran import commonsense as cs
+from doran.data import commonsense as cs
 
 from .seeds import derive_seed
 

