@@ -32,6 +32,10 @@ class FusedAdamW(torch.optim.AdamW):
         kwargs["fused"] = True
         super().__init__(params, **kwargs)
         self._lists: list[tuple[list[torch.Tensor], ...]] | None = None
+        #: a device flag (float32, shape (1,)) set before ``step``: where it is nonzero the fused kernel leaves
+        #: every tensor and its state as they were (the guard's way to drop a non-finite step without making
+        #: the host wait for the GPU); it applies to the next step only
+        self.skip_if: torch.Tensor | None = None
 
     def _lean(self, group: dict[str, Any]) -> bool:
         return not (group["amsgrad"] or group["maximize"] or group["differentiable"] or group["capturable"]
@@ -55,7 +59,7 @@ class FusedAdamW(torch.optim.AdamW):
         self._lists = lists
 
     @torch.no_grad()
-    def _lean_step(self) -> bool:
+    def _lean_step(self, skip: torch.Tensor | None = None) -> bool:
         """The fused update of every group, or False (nothing done) where torch's own step is needed."""
         if self._lists is None or len(self._lists) != len(self.param_groups) or \
                 getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
@@ -76,7 +80,9 @@ class FusedAdamW(torch.optim.AdamW):
             torch._foreach_add_(steps, 1)
             torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
                                 beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
-                                maximize=False, grad_scale=None, found_inf=None)
+                                maximize=False, grad_scale=None, found_inf=skip)
+            if skip is not None:  # as torch does with found_inf: a skipped step does not count
+                torch._foreach_sub_(steps, [skip] * len(steps))
         return True
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -84,8 +90,14 @@ class FusedAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._lean_step():
-            super().step()
+        skip, self.skip_if = self.skip_if, None
+        if not self._lean_step(skip):
+            if skip is not None:
+                self.found_inf = skip  # torch's own fused step reads it (as a gradient scaler sets it)
+            try:
+                super().step()
+            finally:
+                self.__dict__.pop("found_inf", None)
             self._build_lists()
         return loss
 

@@ -401,3 +401,39 @@ def test_short_runs_are_not_compiled():
     assert compile_mode(cfg, 299) == "none" and compile_mode(cfg, 300) == "auto"
     explicit = load_config(None, ["runtime.compile_min_steps=300", "runtime.compile=default"])
     assert compile_mode(explicit, 10) == "default"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("poison", ["loss", "grad"])
+def test_on_a_gpu_a_non_finite_step_is_skipped_on_the_device_and_recorded(tokenizer, poison):
+    module, guard = _module("doran"), NonFiniteGuard(poll_every=4)
+    seen = {}
+
+    class Poison(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            def hook(mod, args, output):
+                if poison == "loss" and pl_module.global_step == 2:
+                    output.logits = output.logits * float("nan")
+                return output
+
+            pl_module.model.register_forward_hook(hook)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 2:
+                if poison == "grad":
+                    next(p for p in pl_module.model.parameters() if p.requires_grad and p.grad is not None).grad.fill_(
+                        float("inf"))
+                seen["before"] = [p.detach().clone() for p in pl_module.model.parameters() if p.requires_grad]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3 and "after" not in seen:
+                seen["after"] = [p.detach().clone() for p in pl_module.model.parameters() if p.requires_grad]
+
+    trainer = _trainer([Poison(), guard], max_epochs=5, accelerator="gpu", devices=1, precision="bf16-mixed")
+    trainer.fit(module, datamodule=_datamodule(tokenizer, n_train=64))
+    assert guard.failure is not None and guard.failure["step"] == 2 and "skipped" in guard.failure["cause"]
+    assert trainer.global_step == 4  # stopped at the next poll, not after 40 steps
+    for a, b in zip(seen["before"], seen["after"]):  # the poisoned step changed nothing
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
