@@ -232,7 +232,7 @@ def _executor(opts: ClusterOptions, folder: Path, name: str):
         "local_timeout_min": opts.time_min,  # the local executor takes fractions of a minute
         "nodes": 1,
         "tasks_per_node": 1,
-        "gpus_per_node": opts.gpus,
+        "gpus_per_node": opts.gpus or None,  # 0: no GPU asked for (nor a --gpus-per-node=0 line)
         "cpus_per_task": opts.cpus,
         "mem_gb": opts.mem_gb,
         "slurm_partition": opts.partition,
