@@ -57,6 +57,10 @@ __all__ = ["ClusterOptions", "ClusterOutcome", "PointJob", "add_cluster_argument
 
 #: the local executor restarts a task that exits with this status (submitit's own constant)
 LOCAL_REQUEUE_STATUS = 144
+#: states of a SLURM job that has not ended (sacct's and squeue's words); PREEMPTED is not one of them: a
+#: preempted job that SLURM requeues is PENDING again, one that it does not requeue stays PREEMPTED
+UNENDED = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+           "REQUEUE_FED", "RESIZING", "READY", "SIGNALING", "STAGE_OUT", "STOPPED", "UNKNOWN"}
 #: states of a SLURM job whose process ended by itself (it wrote its result file, maybe not yet visible here)
 ENDED_NORMALLY = {"COMPLETED", "COMPLETING", "FAILED"}
 
@@ -282,9 +286,33 @@ class _Tracked:
         if self.record["executor"] == "local" and getattr(self.job, "_process", None) is None:
             return not _local_alive(self.record)  # a local job of an earlier invocation: its controller
         try:
-            return bool(self.job.done())
+            if self.job.done():
+                return True
         except Exception:  # a scheduler that did not answer: ask again later
             return False
+        return self.record["executor"] == "slurm" and _slurm_state(self.job) not in UNENDED
+
+
+def _slurm_state(job) -> str:
+    """The state of a SLURM job (first word, upper case): from sacct through submitit, else from squeue (for
+    clusters without accounting, where sacct says nothing); ``ENDED`` if SLURM no longer knows the job."""
+    import subprocess
+
+    try:
+        found = str(job.state).split()[0].upper()  # "CANCELLED by 123" -> CANCELLED
+    except Exception:
+        found = "UNKNOWN"
+    if found != "UNKNOWN":
+        return found
+    try:
+        proc = subprocess.run(["squeue", "--noheader", "--states=all", "--jobs", str(job.job_id), "--format=%T"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "UNKNOWN"
+    if proc.returncode != 0:
+        return "ENDED" if "invalid job id" in proc.stderr.lower() else "UNKNOWN"
+    lines = proc.stdout.split()
+    return lines[0].upper() if lines else "ENDED"
 
 
 def _local_alive(record: dict[str, Any]) -> bool:
@@ -317,8 +345,10 @@ def _collect(t: _Tracked) -> str:
     job, point = t.job, t.point
 
     def job_state() -> str:
+        if t.record["executor"] == "slurm":
+            return _slurm_state(job)
         try:
-            return str(job.state).split()[0].upper()  # "CANCELLED by 123" -> CANCELLED
+            return str(job.state)
         except Exception:
             return "UNKNOWN"
 
@@ -436,7 +466,10 @@ def run_on_cluster(
             if not batch:
                 return
             fn = PointJob(opts.device, opts.threads)
-            jobs = executor.map_array(fn, [p.cfg for p in batch], [p.run_id for p in batch])
+            try:
+                jobs = executor.map_array(fn, [p.cfg for p in batch], [p.run_id for p in batch])
+            except Exception as err:  # sbatch refused (partition, account, limits...): say what it said
+                raise SweepError(f"submitting {len(batch)} jobs to {kind} failed: {err}") from None
             for p, job in zip(batch, jobs):
                 active.append(_Tracked(p, job, _write_record(p, job, kind, folder)))
             out.submitted += len(batch)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.assets import export_assets, use_local_assets
-from experiments.cluster import add_cluster_arguments, cluster_options
+from experiments.cluster import add_cluster_arguments, cluster_options, run_on_cluster
 from experiments.constants import REPO, RESULTS_DIR, SWEEPS, TUNED_DIR
 from experiments.grid import SweepError, build_grid, load_profile, load_sweep
 from experiments.progress import estimate
@@ -121,8 +121,6 @@ def sweep_main(args: argparse.Namespace) -> int:
             continue
         write_manifest(spec, profile, points)
         if args.backend == "submitit":  # one job per unfinished point (experiments.cluster)
-            from experiments.cluster import run_on_cluster
-
             outcome = run_on_cluster(points, cluster_options(args), results_dir=results_dir,
                                      retry_failed=args.retry_failed, reuse=not args.no_reuse, progress=args.progress)
             print(f"[sweep] {spec.name}: {outcome.line()}", flush=True)
