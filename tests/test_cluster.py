@@ -145,7 +145,8 @@ def test_a_requeued_job_resumes_its_run_from_the_checkpoint(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- SLURM
 def _fake_slurm(bin_dir: Path) -> Path:
-    """`srun`, `sbatch` (keeps each batch file, answers job 4242, 4243, ...) and `sacct` (states from a file)."""
+    """`srun`, `sbatch` (keeps each batch file, answers job 4242, 4243, ...), `sacct` (states from the file
+    `states`; without it, a cluster without accounting) and `squeue` (states from the file `queue`)."""
     bin_dir.mkdir()
     scripts = {
         "srun": "#!/bin/sh\nexit 0\n",
@@ -153,7 +154,15 @@ def _fake_slurm(bin_dir: Path) -> Path:
             f"#!/bin/sh\nn=$(ls {bin_dir}/batch-*.sh 2>/dev/null | wc -l)\n"
             f'cp "$1" {bin_dir}/batch-$n.sh\necho "Submitted batch job $((4242 + n))"\n'
         ),
-        "sacct": f"#!/bin/sh\necho 'JobID|State|NodeList'\ncat {bin_dir}/states\n",
+        "sacct": (
+            f"#!/bin/sh\n[ -f {bin_dir}/states ] || {{ echo 'Slurm accounting storage is disabled' >&2; exit 1; }}\n"
+            f"echo 'JobID|State|NodeList'\ncat {bin_dir}/states\n"
+        ),
+        "squeue": (  # squeue --noheader --states=all --jobs ID --format=%T
+            f'#!/bin/sh\nfor a; do [ "$prev" = --jobs ] && id="$a"; prev="$a"; done\n'
+            f'line=$(grep "^$id " {bin_dir}/queue) || {{ echo "Invalid job id specified" >&2; exit 1; }}\n'
+            f'echo "${{line#* }}"\n'
+        ),
     }
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
@@ -200,6 +209,16 @@ def test_slurm_gets_one_array_and_a_dead_job_is_recorded_and_resubmitted(tmp_pat
     errors = [json.loads(p.read_text()) for p in sorted(folder.glob("*.error.json"))]
     assert len(errors) == 2 and all("oom_kill" in e["log_tail"] for e in errors)
     assert {e["message"].split("(state ")[1].split(")")[0] for e in errors} == {"OUT_OF_MEMORY", "CANCELLED"}
+
+    # without accounting (sacct says nothing), squeue tells: a job it no longer knows has ended
+    (fake / "states").unlink()
+    (fake / "queue").write_text("4243_1 RUNNING\n")
+    assert sweep.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "1 jobs of an earlier invocation are still queued or running" in printed
+    assert "1 jobs of an earlier invocation failed" in printed and "submitted 1 jobs to slurm (4244)" in printed
+    attempts = sorted(json.loads(p.read_text())["attempts"] for p in folder.glob("*.error.json"))
+    assert attempts == [1, 2]
 
 
 # ----------------------------------------------------------------------------------------------- PostgreSQL
