@@ -5,6 +5,7 @@
     python -m experiments.sweep ablation_hypernet --profile smoke --seeds 0 1 --dry-run
     python -m experiments.sweep all --profile default --time-limit 480   # start no run after 8 min
     python -m experiments.sweep export-assets scratch/assets             # model (fp16) + data for a GPU box
+    python -m experiments.sweep all --profile default --backend submitit --cluster-partition gpu   # SLURM
     python -m experiments.sweep sample_efficiency --model-dir scratch/assets/minilm \
         --data-file scratch/assets/rotten_tomatoes_corpus_full.csv.bz2   # on a machine without the packages
 
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.assets import export_assets, use_local_assets
+from experiments.cluster import add_cluster_arguments, cluster_options, run_on_cluster
 from experiments.constants import REPO, RESULTS_DIR, SWEEPS, TUNED_DIR
 from experiments.grid import SweepError, build_grid, load_profile, load_sweep
 from experiments.progress import estimate
@@ -61,7 +63,7 @@ def sweep_main(args: argparse.Namespace) -> int:
     elif args.gpus and args.jobs <= 1:
         args.jobs = len(args.gpus)
     use_local_assets(args.model_dir, args.data_file)
-    if args.device == "cuda":
+    if args.device == "cuda" and args.backend == "local":  # a cluster's login node may have no GPU
         import torch
 
         if not torch.cuda.is_available():
@@ -118,6 +120,14 @@ def sweep_main(args: argparse.Namespace) -> int:
                 )
             continue
         write_manifest(spec, profile, points)
+        if args.backend == "submitit":  # one job per unfinished point (experiments.cluster)
+            outcome = run_on_cluster(points, cluster_options(args), results_dir=results_dir,
+                                     retry_failed=args.retry_failed, reuse=not args.no_reuse, progress=args.progress)
+            print(f"[sweep] {spec.name}: {outcome.line()}", flush=True)
+            status = 1 if outcome.errors else status
+            for run_id in outcome.failed_ids:
+                print(f"[sweep]   error: {points[0].out / (run_id + '.error.json')}", file=sys.stderr)
+            continue
         todo = [p for p in points if state(p) in ("todo", "error")]
         if todo and not args.no_estimate:
             line = estimate(todo, args.jobs)
@@ -162,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", nargs="+", default=[], metavar="KEY=VALUE", help="run-config overrides for every run"
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (subprocesses when > 1)")
+    parser.add_argument("--backend", choices=("local", "submitit"), default="local",
+                        help="local: this machine (--jobs, --gpus); submitit: one cluster job per run (--cluster-*)")
     parser.add_argument("--gpus", nargs="+", default=[], help="GPU indices; job i uses gpus[i %% len(gpus)]")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
@@ -188,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bar (default: when stderr is a terminal)",
     )
+    add_cluster_arguments(parser)
     return parser
 
 
