@@ -7,7 +7,7 @@
 ``--backend submitit`` hands the grid to submitit: SLURM where ``srun`` exists (a job array, at most
 ``--cluster-max-jobs`` jobs at a time), its local executor elsewhere (subprocesses of this machine, the same
 limit kept by this process). Each job runs ``experiments.runner.run_point`` on one grid point, so results land
-where local runs land: ``<results>/<profile>/<sweep>/<run_id>.json``, written atomically by the run.
+where local runs land: ``<results>/<profile>/<sweep>/<run_id>.json.gz``, written atomically by the run.
 
 Nothing is lost, as with the local runner:
 

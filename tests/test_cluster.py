@@ -37,8 +37,9 @@ def _sweep_file(tmp_path: Path) -> Path:
 
 
 def _results(folder: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))
-            if p.name != "sweep.json" and not p.name.endswith(".error.json")}
+    from doran.results import read_json, result_files, run_id_of_file
+
+    return {run_id_of_file(p): read_json(p) for p in result_files(folder)}
 
 
 def _signal_job(logs: Path, sig: int, ready, timeout: float = 240.0) -> threading.Thread:
