@@ -33,7 +33,8 @@ from .inject import (
 )
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
 from .packing import is_packed, pack, unpack
-from .layers import AdaptedLinear, OutputRotation, SliceAdapter, factored_row_norm
+from .layers import AdaptedLinear, OutputRotation, SliceAdapter
+from .norm import factored_row_norm
 
 __version__ = "0.1.0"
 

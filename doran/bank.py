@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from . import fused, packing
+from .norm import TAU_TENSOR, norm_stats, row_norms, tau_of
 
 _BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -138,15 +139,13 @@ def _tensors(ads, role: str, packed) -> torch.Tensor:
 def _traced_stats(group) -> tuple[torch.Tensor, torch.Tensor]:
     """``_weight_stats`` of a group's slices, batched, as the compiled graph computes them each step: one row
     norm per base layer (the q and v slices of a qkv share it), the tau scales of all slices at once."""
-    from .layers import norm_stats, param_dtype
-
     norms_of: dict[int, torch.Tensor] = {}
     rows = []
     for layer, ad in group:
         norms = norms_of.get(id(layer))
         if norms is None:
             with torch.no_grad():
-                norms = torch.linalg.vector_norm(layer.weight.detach().to(param_dtype(layer.weight)), dim=1)
+                norms = row_norms(layer.weight)
             norms_of[id(layer)] = norms
         rows.append(norms[ad.rows])
     return norm_stats(_stack(rows), group[0][1].cfg)  # norms (S, out)
@@ -348,12 +347,8 @@ class AdapterBank:
                 if ad0.cfg.magnitude:
                     w0_sq, row_scale = self._stacked_stats(i, group)
                     cfg = ad0.cfg
-                    if cfg.tau_mode == "learned":
-                        t = nn.functional.softplus(_tensors(ads, "tau_rho", packed)) * row_scale
-                    elif cfg.tau_mode == "fixed":
-                        t = _stack([ad.tau_t for ad in ads]) * row_scale
-                    else:
-                        t = None
+                    name = TAU_TENSOR.get(cfg.tau_mode)  # the slices' tau, stacked: (S, 1) or (S, out)
+                    t = None if name is None else tau_of(cfg.tau_mode, _tensors(ads, name, packed), row_scale)
                     m = _tensors(ads, "magnitude", packed)
                     layers, layout = self._layouts[i]
                     g = fused.row_scales(A, B, m, t, [layer.weight for layer in layers], layout, w0_sq, ad0.s,
