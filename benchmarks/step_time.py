@@ -130,7 +130,7 @@ def split_variant(variant: str) -> tuple[str, str]:
 
 def execution_for(variant: str):
     """The doran execution settings a variant runs under (a context manager)."""
-    from doran.fused import execution
+    from doran.settings import execution
 
     _, mode = split_variant(variant)
     if mode == "reference":

@@ -9,7 +9,6 @@ Example::
 """
 
 from .compiling import compile_model
-from .fused import execution, set_execution
 from .config import PRESET_FORMS, PRESETS, AdapterConfig, ConfigError, DoranError
 from .inject import (
     InjectError,
@@ -35,6 +34,7 @@ from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
 from .packing import is_packed, pack, unpack
 from .layers import AdaptedLinear, OutputRotation, SliceAdapter
 from .norm import factored_row_norm
+from .settings import execution, set_execution
 
 __version__ = "0.1.0"
 

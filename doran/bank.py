@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import fused, packing
+from . import fused, packing, settings
 from .norm import TAU_TENSOR, norm_stats, row_norms, tau_of
 
 _BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -388,7 +388,7 @@ def banked(ad) -> tuple | None:
     """
     if torch.compiler.is_compiling():  # traced: the tensors the bank's traced refresh handed over
         bank = ad.__dict__.get("_bank")
-        if bank is None or not bank.active or not fused.compiled_bank():
+        if bank is None or not bank.active or not settings.compiled_bank():
             return None
         return bank.handed.get(id(ad))
     entry = ad._banked
@@ -435,11 +435,11 @@ def build(model: nn.Module) -> AdapterBank:
 
 
 def _pre_hook(model: nn.Module, args) -> None:
-    if not fused.bank_enabled():
+    if not settings.bank_enabled():
         return
     if torch.compiler.is_compiling():  # traced: the batched computation becomes part of the graph
         bank = model.__dict__.get("_doran_bank")
-        if fused.compiled_bank() and bank is not None and bank.usable and bank.groups and \
+        if settings.compiled_bank() and bank is not None and bank.usable and bank.groups and \
                 not any(layer.merged for layer in bank.layers) and not _gathered_elsewhere(bank):
             bank.refresh()
         return
@@ -469,7 +469,7 @@ def sync_stats(model: nn.Module) -> None:
     """Before a compiled call of ``model`` (``doran.compile_model`` calls it eagerly): its bank's copies of the
     frozen weights' row norms brought up to date (``AdapterBank.sync_stats``); nothing without a bank or
     when the traced forward would not use it."""
-    if not (fused.bank_enabled() and fused.compiled_bank()):
+    if not (settings.bank_enabled() and settings.compiled_bank()):
         return
     bank = model.__dict__.get("_doran_bank")
     if bank is None or not bank.usable or not bank.groups or any(layer.merged for layer in bank.layers) or \

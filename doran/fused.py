@@ -49,7 +49,6 @@ guards it). ``set_execution(compiled="reference")`` makes compiled models trace 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -57,69 +56,9 @@ import torch
 import torch.nn.functional as F
 
 from . import bank as _bank  # circular (bank uses this module at call time only)
+from .settings import _SETTINGS, execution, fused_enabled, set_execution  # noqa: F401 (doran.fused.<name>)
 
 _TINY = 1e-30
-_SETTINGS: dict[str, Any] = {"path": "fused", "scale": "auto", "bank": True, "compiled": "fused",
-                             "compiled_bank": True}
-_PATHS = ("fused", "reference")
-_SCALES = ("auto", "weight", "output")
-
-
-def set_execution(path: str | None = None, scale: str | None = None, bank: bool | None = None,
-                  compiled: str | None = None, compiled_bank: bool | None = None) -> dict[str, Any]:
-    """Choose how adapted layers run; returns the previous settings.
-
-    ``path``: ``"fused"`` (default; LoRA and the DoRA family, without Pre-Diag's diagonal or SORA's
-    rotation) or ``"reference"`` (plain autograd, every method). ``scale``: how g is applied on the fused
-    path, ``"auto"`` (by shape), ``"weight"`` or ``"output"``. ``bank``: compute the factors and row scales
-    of all slices of a model batched, once per forward (doran/bank.py; default True). ``compiled``: the path
-    a model takes inside ``torch.compile``, ``"fused"`` (default: these autograd nodes, traced and fused by
-    the compiler) or ``"reference"`` (the compiler traces plain autograd; it keeps z for the backward, so
-    it uses more memory). ``compiled_bank``: whether a compiled model traces the bank's batched
-    computation (default True) or each slice's own. All settings compute the same function.
-    """
-    choices = {"path": (path, _PATHS, "execution path"), "scale": (scale, _SCALES, "scale mode"),
-               "compiled": (compiled, _PATHS, "compiled path")}
-    for value, allowed, what in choices.values():  # check every value before changing any
-        if value is not None and value not in allowed:
-            raise ValueError(f"unknown {what} {value!r}; choose one of {allowed}")
-    previous = dict(_SETTINGS)
-    for key, (value, _, _) in choices.items():
-        if value is not None:
-            _SETTINGS[key] = value
-    for key, flag in (("bank", bank), ("compiled_bank", compiled_bank)):
-        if flag is not None:
-            _SETTINGS[key] = bool(flag)
-    return previous
-
-
-@contextmanager
-def execution(path: str | None = None, scale: str | None = None, bank: bool | None = None,
-              compiled: str | None = None, compiled_bank: bool | None = None):
-    """Context manager form of :func:`set_execution`."""
-    previous = set_execution(path, scale, bank, compiled, compiled_bank)
-    try:
-        yield
-    finally:
-        set_execution(**previous)
-
-
-def bank_enabled() -> bool:
-    return _SETTINGS["path"] == "fused" and _SETTINGS["bank"]
-
-
-def compiled_bank() -> bool:
-    """Whether a compiled model traces the bank's batched computation (else each slice its own)."""
-    return _SETTINGS["compiled_bank"] and _SETTINGS["compiled"] == "fused"
-
-
-def fused_enabled() -> bool:
-    """Whether fusable layers take this path now (inside torch.compile: the ``compiled`` setting)."""
-    if torch.compiler.is_compiling():
-        return _SETTINGS["path"] == "fused" and _SETTINGS["compiled"] == "fused"
-    return _SETTINGS["path"] == "fused"
-
-
 def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
