@@ -16,12 +16,14 @@ from torch import nn
 from . import bank, packing
 from .config import AdapterConfig
 from .errors import InjectError as InjectError  # importable from here as before
-from .layers import AdaptedLinear, SliceAdapter
+from .layers import ADAPTER_GROUPS, AdaptedLinear, SliceAdapter, group_of
 from .targets import build_adapters, check_zero_rows, find_targets, nearest, slice_name, suffix_match
 
 STATE_ATTR = "_doran_state"
 _WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
-GROUPS = ("factors", "generator", "magnitude", "tau", "diag", "rotation", "other")
+# The parameter groups: those of the adapter tensors (doran/layers.py's ADAPTER_GROUPS, in its order), then
+# "other": trainable tensors outside every adapter (e.g. a classifier head)
+GROUPS = (*dict.fromkeys(ADAPTER_GROUPS.values()), "other")
 
 
 def inject(model: nn.Module, cfg: AdapterConfig, trainable: tuple[str, ...] = ()) -> list[str]:
@@ -109,32 +111,17 @@ def slice_adapters(model: nn.Module) -> Iterator[tuple[str, SliceAdapter, Adapte
             yield slice_name(name, key), ad, module
 
 
-def _group_of(local: str) -> str:
-    """The parameter group of a SliceAdapter's parameter, by its local name."""
-    if local.startswith("generator."):
-        return "generator"
-    if local.startswith("lora_"):
-        return "factors"
-    if local.startswith("magnitude"):
-        return "magnitude"
-    if local.startswith("tau"):
-        return "tau"
-    if local == "diag":
-        return "diag"
-    if local.startswith("rotation."):
-        return "rotation"
-    return "other"
-
-
 def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, str]]:
     """(name, parameter, group) for every adapter parameter and every other trainable one.
 
-    Groups: ``factors`` (static A, B), ``generator`` (embeddings and MLPs), ``magnitude``, ``tau``,
-    ``diag`` (Pre-Diag's d), ``rotation`` (SORA's C, D), ``other`` (trainable non-adapter parameters, e.g. a
-    classifier head). Each tensor appears once, also when a generator is shared. Names are those of the
-    unwrapped model: the wrappers that FSDP and activation checkpointing insert are left out. On a packed
-    model (``doran.pack``) a packed tensor's rows are given under their unpacked names, as views: values
-    can be read and written in place, the gradient is the packed tensor's (``model.doran_packed``).
+    Groups (``GROUPS``): ``factors`` (static A, B), ``generator`` (embeddings and MLPs), ``magnitude``,
+    ``tau``, ``diag`` (Pre-Diag's d), ``rotation`` (SORA's C, D): each adapter tensor's group is declared
+    next to where it is created (doran/layers.py's ``ADAPTER_GROUPS``); ``other``: trainable tensors outside
+    every adapter (e.g. a classifier head), never an adapter tensor. Each tensor appears once, also when a
+    generator is shared. Names are those of the unwrapped model: the wrappers that FSDP and activation
+    checkpointing insert are left out. On a packed model (``doran.pack``) a packed tensor's rows are given
+    under their unpacked names, as views: values can be read and written in place, the gradient is the
+    packed tensor's (``model.doran_packed``).
     """
     for name, p, group, _ in _named_tensors(model):
         yield name, p, group
@@ -142,18 +129,18 @@ def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
 
 def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, str, tuple | None]]:
     """named_adapter_parameters plus, for a packed row, (packed tensor, row index); else None."""
-    group_of: dict[int, str] = {}
+    groups: dict[int, str] = {}
     for _, module in adapted_modules(model):
         for ad in module.doran.values():
             for local, p in ad.named_parameters():
-                group_of.setdefault(id(p), _group_of(local))
+                groups.setdefault(id(p), group_of(local))
     views = packing.named_views(model)
     for name, p in model.named_parameters():
         name = _WRAPPERS.sub("", name)
-        group = group_of.get(id(p))
+        group = groups.get(id(p))
         if id(p) in views:  # packed (doran/packing.py): its rows under their unpacked names
             for i, (row_name, row, role) in enumerate(views[id(p)]):
-                yield row_name, row, _group_of(role), (p, i)
+                yield row_name, row, group_of(role), (p, i)
         elif group is not None:
             yield name, p, group, None
         elif p.requires_grad:

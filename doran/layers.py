@@ -103,6 +103,34 @@ class OutputRotation(nn.Module):
         return eye + self.delta(eye).t()
 
 
+# The parameter group of every tensor a SliceAdapter creates, by the first part of its name inside the adapter
+# (``generator.*``: a FactorGenerator's embeddings and MLP layers; ``rotation.*``: OutputRotation's C and D).
+# A tensor added to SliceAdapter needs its entry here: ``group_of`` refuses a name it does not know.
+ADAPTER_GROUPS: dict[str, str] = {
+    "lora_A": "factors",
+    "lora_B": "factors",
+    "generator": "generator",
+    "magnitude": "magnitude",
+    "tau_rho": "tau",
+    "tau_t": "tau",  # a buffer (tau_mode="fixed"), listed for completeness: never trained
+    "diag": "diag",
+    "rotation": "rotation",
+}
+
+
+def group_of(local: str) -> str:
+    """The parameter group of a SliceAdapter's tensor, from its name inside the adapter.
+
+    Example::
+
+        group_of("generator.first_A.linear.weight")   # "generator"
+    """
+    group = ADAPTER_GROUPS.get(local.partition(".")[0])
+    if group is None:
+        raise KeyError(f"adapter tensor {local!r} has no parameter group: add it to doran.layers.ADAPTER_GROUPS")
+    return group
+
+
 class SliceAdapter(nn.Module):
     """The adapter of one contiguous block of output rows ``[start, stop)`` of a base Linear.
 
