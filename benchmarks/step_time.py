@@ -224,7 +224,7 @@ def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int
     if not params:
         opt = None
     elif adam == "auto" and device == "cuda":
-        from doran.compiling import adamw
+        from doran.fast.optim import adamw
 
         opt = adamw([{"params": params}], lr=1e-4, weight_decay=1e-2)
     else:

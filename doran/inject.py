@@ -2,18 +2,24 @@
 
 ``inject`` validates every target before it touches the model (doran/targets.py): a bad input raises a
 ``ValueError`` subclass and leaves the model exactly as it was.
+
+This module does not import the fast path (doran.fast). What the fast path attaches to an adapted model (the
+adapter bank's forward hooks, packed storage) it registers in ``HOOKS`` when it is imported; ``inject``,
+``merge``, ``unmerge``, ``eject`` and ``merged_copy`` call those hooks at each change of a model, and the
+parameter queries read the tensors the fast path stores elsewhere through them.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from . import bank, packing
 from .config import AdapterConfig
 from .errors import InjectError as InjectError  # importable from here as before
 from .layers import ADAPTER_GROUPS, AdaptedLinear, SliceAdapter, group_of
@@ -24,6 +30,38 @@ _WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_
 # The parameter groups: those of the adapter tensors (doran/layers.py's ADAPTER_GROUPS, in its order), then
 # "other": trainable tensors outside every adapter (e.g. a classifier head)
 GROUPS = (*dict.fromkeys(ADAPTER_GROUPS.values()), "other")
+
+
+class RowView(NamedTuple):
+    """One row of a tensor the fast path stores for several slices (packed): the row's own name, the row
+    itself (a view) and its role (its name inside a SliceAdapter, e.g. ``generator.emb_A``)."""
+
+    name: str
+    tensor: torch.Tensor
+    role: str
+
+
+ModelHook = Callable[[nn.Module], None]
+
+
+@dataclass
+class ModelHooks:
+    """What the fast path (doran.fast) attaches to adapted models; empty, a model is the maths alone."""
+
+    injected: list[ModelHook] = field(default_factory=list)  # after inject
+    changed: list[ModelHook] = field(default_factory=list)  # after merge / unmerge
+    ejecting: list[ModelHook] = field(default_factory=list)  # before eject puts the base layers back
+    removed: list[ModelHook] = field(default_factory=list)  # once the adapters are gone: after eject, on a merged_copy
+    # tensors stored elsewhere: {id(stored tensor): its rows, in order}
+    views: list[Callable[[nn.Module], dict[int, list[RowView]]]] = field(default_factory=list)
+
+
+HOOKS = ModelHooks()
+
+
+def _run(hooks: list[ModelHook], model: nn.Module) -> None:
+    for hook in hooks:
+        hook(model)
 
 
 def inject(model: nn.Module, cfg: AdapterConfig, trainable: tuple[str, ...] = ()) -> list[str]:
@@ -68,7 +106,7 @@ def inject(model: nn.Module, cfg: AdapterConfig, trainable: tuple[str, ...] = ()
     for name in extra:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    bank.attach(model)
+    _run(HOOKS.injected, model)
     setattr(model, STATE_ATTR, {
         "config": cfg,
         "trainable": trainable,
@@ -82,11 +120,23 @@ def inject(model: nn.Module, cfg: AdapterConfig, trainable: tuple[str, ...] = ()
 
 # ---------------------------------------------------------------------------------------------- queries
 def is_injected(model: nn.Module) -> bool:
+    """Whether ``model`` holds doran adapters (``doran.inject`` refuses a second injection).
+
+    Example::
+
+        if not doran.is_injected(model):
+            doran.inject(model, cfg)
+    """
     return hasattr(model, STATE_ATTR) or any(isinstance(m, AdaptedLinear) for m in model.modules())
 
 
 def get_config(model: nn.Module) -> AdapterConfig:
-    """The AdapterConfig a model was injected with."""
+    """The AdapterConfig a model was injected with.
+
+    Example::
+
+        doran.get_config(model).r   # 8
+    """
     return _state(model)["config"]
 
 
@@ -98,14 +148,25 @@ def _state(model: nn.Module) -> dict:
 
 
 def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
-    """(name, AdaptedLinear) for every adapted layer, in module order."""
+    """(name, AdaptedLinear) for every adapted layer, in module order.
+
+    Example::
+
+        names = [name for name, _ in doran.adapted_modules(model)]
+    """
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear):
             yield name, module
 
 
 def slice_adapters(model: nn.Module) -> Iterator[tuple[str, SliceAdapter, AdaptedLinear]]:
-    """(projection name, SliceAdapter, its layer); a fused qkv gives ``<name>.q`` and ``<name>.v``."""
+    """(projection name, SliceAdapter, its layer); a fused qkv gives ``<name>.q`` and ``<name>.v``.
+
+    Example::
+
+        for name, adapter, layer in doran.slice_adapters(model):
+            print(name, adapter.start, adapter.stop)
+    """
     for name, module in adapted_modules(model):
         for key, ad in module.doran.items():
             yield slice_name(name, key), ad, module
@@ -122,6 +183,10 @@ def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
     checkpointing insert are left out. On a packed model (``doran.pack``) a packed tensor's rows are given
     under their unpacked names, as views: values can be read and written in place, the gradient is the
     packed tensor's (``model.doran_packed``).
+
+    Example::
+
+        sizes = {name: p.numel() for name, p, group in doran.named_adapter_parameters(model) if group == "tau"}
     """
     for name, p, group, _ in _named_tensors(model):
         yield name, p, group
@@ -134,11 +199,13 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, str, t
         for ad in module.doran.values():
             for local, p in ad.named_parameters():
                 groups.setdefault(id(p), group_of(local))
-    views = packing.named_views(model)
+    views: dict[int, list[RowView]] = {}
+    for hook in HOOKS.views:
+        views.update(hook(model))
     for name, p in model.named_parameters():
         name = _WRAPPERS.sub("", name)
         group = groups.get(id(p))
-        if id(p) in views:  # packed (doran/packing.py): its rows under their unpacked names
+        if id(p) in views:  # packed (doran/fast/packing.py): its rows under their unpacked names
             for i, (row_name, row, role) in enumerate(views[id(p)]):
                 yield row_name, row, group_of(role), (p, i)
         elif group is not None:
@@ -150,7 +217,12 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, str, t
 def adapter_leaves(model: nn.Module) -> Iterator[tuple[nn.Parameter, str, int]]:
     """(tensor, group, ndim of the tensors it holds) for every tensor an optimizer steps, each once, in the
     order of :func:`named_adapter_parameters`: a packed tensor (``doran.pack``) once, with the group and the
-    ndim of its rows (which are one kind); read gradients here, a packed row (a view) has none."""
+    ndim of its rows (which are one kind); read gradients here, a packed row (a view) has none.
+
+    Example::
+
+        matrices = [p for p, group, ndim in doran.adapter_leaves(model) if ndim >= 2]
+    """
     seen: set[int] = set()
     for _, p, group in named_adapter_parameters(model):
         leaf = p if p.is_leaf else p._base
@@ -161,7 +233,12 @@ def adapter_leaves(model: nn.Module) -> Iterator[tuple[nn.Parameter, str, int]]:
 
 def named_adapter_gradients(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, gradient) for every tensor of :func:`named_adapter_parameters` that has one; a packed row's
-    is its row of the packed tensor's gradient (the row itself, a view, has none)."""
+    is its row of the packed tensor's gradient (the row itself, a view, has none).
+
+    Example::
+
+        norms = {name: float(g.norm()) for name, g in doran.named_adapter_gradients(model)}
+    """
     for name, p, _, row in _named_tensors(model):
         grad = p.grad if row is None else (None if row[0].grad is None else row[0].grad[row[1]])
         if grad is not None:
@@ -169,7 +246,13 @@ def named_adapter_gradients(model: nn.Module) -> Iterator[tuple[str, torch.Tenso
 
 
 def trainable_parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters per group, plus ``trainable`` and ``total`` (unique tensors)."""
+    """Trainable parameters per group (``GROUPS``), plus ``trainable`` and ``total`` (unique tensors).
+
+    Example::
+
+        counts = doran.trainable_parameter_counts(model)
+        adapter_only = counts["trainable"] - counts["other"]
+    """
     counts = dict.fromkeys(GROUPS, 0)
     for _, p, group in named_adapter_parameters(model):
         if p.requires_grad:
@@ -180,7 +263,12 @@ def trainable_parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
-    """Print trainable parameter counts per group, like PEFT's ``print_trainable_parameters``."""
+    """Print trainable parameter counts per group, like PEFT's ``print_trainable_parameters``.
+
+    Example::
+
+        doran.print_trainable_parameters(model)   # trainable params: ... || all params: ... || trainable%: ...
+    """
     c = trainable_parameter_counts(model)
     groups = " | ".join(f"{g}: {c[g]:,}" for g in GROUPS if c[g])
     print(f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
@@ -193,6 +281,10 @@ def tau_values(model: nn.Module, absolute: bool = False) -> dict[str, float]:
 
     Relative units (a fraction of the row norm) by default; ``absolute=True`` gives weight units.
     tau_mode='zero' reports 0.0.
+
+    Example::
+
+        doran.tau_values(model)   # {"encoder.layer.0.attention.self.query": 0.1, ...}
     """
     out = {}
     for name, ad, layer in slice_adapters(model):
@@ -206,7 +298,12 @@ def tau_values(model: nn.Module, absolute: bool = False) -> dict[str, float]:
 
 
 def magnitudes(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{projection name: magnitude vector m}`` (detached copies) for DoRA-family projections."""
+    """``{projection name: magnitude vector m}`` (detached copies) for DoRA-family projections.
+
+    Example::
+
+        m = doran.magnitudes(model)["encoder.layer.0.attention.self.query"]   # (out,)
+    """
     return {name: ad.magnitude.detach().clone() for name, ad, _ in slice_adapters(model) if ad.cfg.magnitude}
 
 
@@ -243,33 +340,47 @@ def merge(model: nn.Module) -> None:
 
     Explicit only: ``train()``/``eval()`` never merge. The original rows are kept so that
     :func:`unmerge` restores W0 bit for bit.
+
+    Example::
+
+        doran.merge(model)     # then evaluate at the base model's cost
+        doran.unmerge(model)   # before training again
     """
     _state(model)
     for _, module in adapted_modules(model):
         module.merge()
-    bank.forget(model)
+    _run(HOOKS.changed, model)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undo :func:`merge` exactly."""
+    """Undo :func:`merge` exactly.
+
+    Example::
+
+        doran.unmerge(model)
+    """
     _state(model)
     for _, module in adapted_modules(model):
         module.unmerge()
-    bank.forget(model)
+    _run(HOOKS.changed, model)
 
 
 def eject(model: nn.Module) -> nn.Module:
     """Remove the adapters: put the original ``nn.Linear`` modules back (their weights unmerged).
 
     Parameters keep their current ``requires_grad`` flags; adapter tensors are dropped.
+
+    Example::
+
+        base = doran.eject(model)   # the same object, without adapters
     """
     _state(model)
     unmerge(model)
-    packing.unpack(model)
+    _run(HOOKS.ejecting, model)
     for name, module in list(adapted_modules(model)):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_module)
-    bank.detach(model)
+    _run(HOOKS.removed, model)
     delattr(model, STATE_ATTR)
     return model
 
@@ -278,6 +389,11 @@ def merged_copy(model: nn.Module) -> nn.Module:
     """A deep copy of the adapted model with plain ``nn.Linear`` layers holding the merged weights.
 
     The copy has no doran modules and no adapter tensors; its outputs equal the adapted model's.
+
+    Example::
+
+        plain = doran.merged_copy(model)
+        torch.save(plain.state_dict(), "merged.pt")
     """
     _state(model)
     plain = copy.deepcopy(model)
@@ -294,7 +410,6 @@ def merged_copy(model: nn.Module) -> nn.Module:
         linear.train(module.training)
         parent_name, _, child = name.rpartition(".")
         setattr(plain.get_submodule(parent_name) if parent_name else plain, child, linear)
-    plain._modules.pop(packing.ATTR, None)
-    bank.detach(plain)
+    _run(HOOKS.removed, plain)
     delattr(plain, STATE_ATTR)
     return plain

@@ -36,18 +36,25 @@ what the papers leave open or what we could not check against public code:
   rotates W' and leaves b; True rotates the whole output ``W' x + b``, the literal reading of "rotate the
   output y", and merge then rewrites the bias too]. The rotation composes with every other form (LoRA,
   DoRA, DoRAN, HoRA).
+
+The fast path (:mod:`doran.fast`) computes the same layers with fewer, hand-written autograd nodes. This
+module does not import it: ``doran.fast`` plugs its implementation in with :func:`use_fast_path` when it is
+imported (``import doran`` does), and :meth:`AdaptedLinear.forward` takes it where the execution settings
+(doran/settings.py) and the layer allow.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused, packing
+from . import settings
 from .config import AdapterConfig
 from .generators import FactorGenerator
 from .norm import (
@@ -60,6 +67,7 @@ from .norm import (
     row_norms,
     tau_of,
 )
+
 
 def low_rank_product(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """``B A`` as an (out, in) matrix; per head (A: (H, r, in), B: (H, d_head, r)) the heads' rows stacked."""
@@ -173,7 +181,7 @@ class SliceAdapter(nn.Module):
             self.generator = generator
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-        self._banked: tuple | None = None  # (A, B, g, bank) of the current forward, set by the model's bank
+        self._banked = None  # what the fast path's bank hands this slice for the current forward (doran.fast)
         self._banked_used = False
         self._cache_key: tuple | None = None
         self._stats: NormStats | None = None
@@ -197,8 +205,9 @@ class SliceAdapter(nn.Module):
                          if cfg.rotation_rank > 0 else None)
 
     def __getstate__(self) -> dict:
-        """Without the tensors the bank handed over for the last forward (doran/bank.py): they belong to that
-        forward's autograd graph, which ``copy.deepcopy`` cannot copy and a pickle should not hold."""
+        """Without the tensors the fast path's bank handed over for the last forward (doran/fast/bank.py): they
+        belong to that forward's autograd graph, which ``copy.deepcopy`` cannot copy and a pickle should not
+        hold."""
         state = self.__dict__.copy()
         state["_banked"], state["_banked_used"] = None, False
         state.pop("_bank", None)
@@ -274,11 +283,12 @@ class SliceAdapter(nn.Module):
             return self.magnitude.to(ct) / (norm + self.tau_absolute(row_scale).to(ct))
 
     def scale_vector(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """The same g as :meth:`norm_scale`, as one autograd node with a closed-form backward (fused path)."""
+        """The same g as :meth:`norm_scale`, as one autograd node with a closed-form backward: the fast path's
+        (``FastPath.row_scale``), which calls this method for a slice its bank does not serve."""
         w0_sq, row_scale = self._weight_stats(weight)
         ct = param_dtype(A)
         t = None if self.cfg.tau_mode == "zero" else self.tau_absolute(row_scale).to(ct)
-        return fused.row_scale(A.to(ct), B.to(ct), self.magnitude.to(ct), t, weight[self.rows], w0_sq.to(ct),
+        return _fast.row_scale(A.to(ct), B.to(ct), self.magnitude.to(ct), t, weight[self.rows], w0_sq.to(ct),
                                self.s, self.cfg.detach_norm)
 
     # ------------------------------------------------------------------ forward / merge
@@ -356,18 +366,20 @@ class AdaptedLinear(nn.Linear):
         if self.merged:
             y = F.linear(x, self.weight, self.bias)
             if self.training and torch.is_grad_enabled() and any(
-                    p.requires_grad for ad in self.doran.values() for p in packing.adapter_tensors(ad)):
+                    p.requires_grad for ad in self.doran.values() for p in adapter_tensors(ad)):
                 raise RuntimeError(
                     "this layer is merged, so its adapter receives no gradient; call doran.unmerge(model) "
                     "before training"
                 )
             return y
-        if fused.fused_enabled() and fused.fusable(self):  # inside torch.compile: set_execution(compiled=)
-            return fused.fused_forward(self, x)
+        fast = _fast
+        # inside torch.compile the setting is set_execution(compiled=)
+        if fast is not None and settings.fused_enabled() and fast.serves(self):
+            return fast.forward(self, x)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Every slice through plain autograd (any method); :mod:`doran.fused` computes the same faster."""
+        """Every slice through plain autograd (any method); :mod:`doran.fast` computes the same faster."""
         y = F.linear(x, self.weight, self.bias)
         adapters = sorted(self.doran.values(), key=lambda a: a.start)
         if len(adapters) == 1 and adapters[0].start == 0 and adapters[0].stop == self.out_features:
@@ -435,3 +447,35 @@ class AdaptedLinear(nn.Linear):
     def extra_repr(self) -> str:
         slices = ", ".join(f"{k}[{a.start}:{a.stop}]" for k, a in self.doran.items())
         return f"in_features={self.in_features}, out_features={self.out_features}, adapted={slices}"
+
+
+# ------------------------------------------------------------------------------ the fast path's plug
+class FastPath(NamedTuple):
+    """The fused implementation of adapted layers, which :mod:`doran.fast` plugs in when it is imported."""
+
+    serves: Callable[[AdaptedLinear], bool]  # whether it computes this layer (LoRA / DoRA family, frozen W0)
+    forward: Callable[[AdaptedLinear, torch.Tensor], torch.Tensor]  # the layer's output for input x
+    row_scale: Callable[..., torch.Tensor]  # g of one slice as one autograd node (SliceAdapter.scale_vector)
+    tensors: Callable[[SliceAdapter], list[torch.Tensor]]  # a slice's tensors, where the fast path keeps them
+
+
+_fast: FastPath | None = None
+
+
+def use_fast_path(fast: FastPath | None) -> FastPath | None:
+    """Plug in the fused implementation (None: every layer runs the reference path); returns the previous one.
+
+    Example::
+
+        previous = use_fast_path(None)   # reference path only, whatever the settings
+        use_fast_path(previous)
+    """
+    global _fast
+    previous, _fast = _fast, fast
+    return previous
+
+
+def adapter_tensors(ad: SliceAdapter) -> list[torch.Tensor]:
+    """Every tensor of a slice adapter, each once: its parameters, or where the fast path stores them
+    (packed: views of the packed tensors, doran/fast/packing.py)."""
+    return list(ad.parameters()) if _fast is None else _fast.tensors(ad)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import doran
 
 from . import commonsense as cs
-from .compiling import CompiledRunner, adamw, check_compile
+from .fast import CompiledRunner, adamw, check_compile
 from .training import derive_seed, rng_state, set_rng_state
 
 RANDOM_LLAMA = "random-llama"

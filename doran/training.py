@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 import doran
-from doran.compiling import CompiledRunner, adamw, check_compile
+from doran.fast import CompiledRunner, adamw, check_compile
 
 # ---------------------------------------------------------------------------------------------------------
 # Seeds and pairing

@@ -282,7 +282,7 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     try:
-        from doran.compiling import check_compile
+        from doran.fast.compiling import check_compile
 
         check_compile(cfg["runtime"]["compile"])
     except ValueError as err:

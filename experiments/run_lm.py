@@ -58,7 +58,7 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"fraction must lie in (0, 1], got {cfg['fraction']!r}")
     cfg["fraction"] = float(cfg["fraction"])
     try:
-        from doran.compiling import check_compile
+        from doran.fast.compiling import check_compile
 
         check_compile(cfg["runtime"]["compile"])
     except ValueError as err:

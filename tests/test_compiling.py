@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import doran
-from doran.compiling import TOKEN_MULTIPLE, CompiledModel, CompiledRunner, WholeCall, pad_tokens, resolve_compile
+from doran.fast.compiling import TOKEN_MULTIPLE, CompiledModel, CompiledRunner, WholeCall, pad_tokens, resolve_compile
 from doran.lm import CausalLMModule
-from doran.optim import FusedAdamW
+from doran.fast.optim import FusedAdamW
 from doran.training import AdapterClassifier, build_text_model, build_timm
 from tests.test_lm import TINY
 from tests.test_training import _datamodule, _module, _trainer
@@ -232,7 +232,7 @@ def test_compile_model_reads_the_row_norms_it_checked_and_follows_a_changed_base
 
 
 def test_adamw_is_the_default_implementation_off_a_gpu():
-    from doran.compiling import adamw
+    from doran.fast.optim import adamw
 
     params = [torch.nn.Parameter(torch.randn(3))]
     opt = adamw([{"params": params, "weight_decay": 0.0}], lr=1e-3, weight_decay=0.1)
