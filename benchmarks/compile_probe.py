@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import doran
-from doran import fused
+from doran.fast import fused
 
 
 class _Block(nn.Module):

@@ -25,7 +25,7 @@ import torch
 
 import doran
 from benchmarks.step_time import execution_for, host_workload, split_variant
-from doran.compiling import CompiledModel
+from doran.fast.compiling import CompiledModel
 
 VARIANTS = ("lora@compile-ro", "dora@compile-ro", "doran@compile-ro", "doran@compile-ro-unpacked")
 

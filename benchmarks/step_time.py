@@ -130,7 +130,7 @@ def split_variant(variant: str) -> tuple[str, str]:
 
 def execution_for(variant: str):
     """The doran execution settings a variant runs under (a context manager)."""
-    from doran.fused import execution
+    from doran.settings import execution
 
     _, mode = split_variant(variant)
     if mode == "reference":
@@ -218,13 +218,13 @@ def autocast(device: str):
 def time_variant(work: dict[str, Any], model: nn.Module, device: str, steps: int, warmup: int,
                  profile_steps: int = 5, keep: dict[str, Any] | None = None) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
-    # auto: as the Lightning modules step (doran.compiling.adamw: doran.optim.FusedAdamW on a GPU); else
+    # auto: as the Lightning modules step (doran.fast.optim.adamw: doran.fast.optim.FusedAdamW on a GPU); else
     # PyTorch's AdamW, fused or foreach (the multi-tensor one CUDA uses by default; the host proxy's default)
     adam = work.get("adam", "auto")
     if not params:
         opt = None
     elif adam == "auto" and device == "cuda":
-        from doran.compiling import adamw
+        from doran.fast.optim import adamw
 
         opt = adamw([{"params": params}], lr=1e-4, weight_decay=1e-2)
     else:
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--adam", choices=("auto", "foreach", "fused"), default="auto",
                         help="AdamW implementation for every variant (auto: as the Lightning modules step, "
-                             "doran.optim.FusedAdamW on a GPU; fused: torch's fused AdamW; foreach: the "
+                             "doran.fast.optim.FusedAdamW on a GPU; fused: torch's fused AdamW; foreach: the "
                              "multi-tensor one, PyTorch's default on a GPU)")
     parser.add_argument("--phases", action="store_true",
                         help="also time forward, backward, optimizer step and zero_grad apart (synchronised)")

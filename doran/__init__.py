@@ -1,5 +1,10 @@
 """doran: DoRAN, DoRA, LoRA and their neighbours as one exact adapter core.
 
+The maths lives in ``config``, ``norm``, ``generators``, ``layers``, ``targets``, ``inject`` and ``io``; the fast path
+(fused autograd nodes, the adapter bank, packing, compilation) in ``doran.fast``, which this package imports
+so that it plugs itself into the maths (doran/fast/__init__.py). ``doran.packing`` is
+``doran.fast.packing``. Global execution settings: ``doran.settings``; errors: ``doran.errors``.
+
 Example::
 
     import doran
@@ -8,11 +13,24 @@ Example::
     doran.print_trainable_parameters(model)
 """
 
-from .compiling import compile_model
-from .fused import execution, set_execution
-from .config import PRESET_FORMS, PRESETS, AdapterConfig, ConfigError, DoranError
-from .inject import (
+from . import fast as fast  # importing it plugs the fast path into the maths
+from .config import PRESET_FORMS, PRESETS, AdapterConfig
+from .errors import (
+    AdapterFileError,
+    ArchiveError,
+    AssetError,
+    CommonsenseDataError,
+    ConfigError,
+    ConversionError,
+    DataError,
+    DoranError,
     InjectError,
+    ModelFilesError,
+    WeightsError,
+)
+from .fast import compile_model, is_packed, pack, unpack
+from .fast import packing as packing  # doran.packing: reached so by the Lightning modules and benchmarks
+from .inject import (
     adapted_modules,
     adapter_leaves,
     eject,
@@ -31,9 +49,10 @@ from .inject import (
     trainable_parameter_counts,
     unmerge,
 )
-from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
-from .packing import is_packed, pack, unpack
-from .layers import AdaptedLinear, OutputRotation, SliceAdapter, factored_row_norm
+from .io import load_adapter, read_adapter, save_adapter
+from .layers import AdaptedLinear, OutputRotation, SliceAdapter
+from .norm import factored_row_norm
+from .settings import execution, set_execution
 
 __version__ = "0.1.0"
 
@@ -43,11 +62,18 @@ __all__ = [
     "AdaptedLinear",
     "AdapterConfig",
     "AdapterFileError",
+    "ArchiveError",
+    "AssetError",
+    "CommonsenseDataError",
     "ConfigError",
+    "ConversionError",
+    "DataError",
     "DoranError",
     "InjectError",
+    "ModelFilesError",
     "OutputRotation",
     "SliceAdapter",
+    "WeightsError",
     "adapted_modules",
     "adapter_leaves",
     "compile_model",

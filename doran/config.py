@@ -1,8 +1,7 @@
 """The adapter configuration: one dataclass whose switches span the design space of the DoRA family.
 
-LoRA, DoRA and DoRAN are presets of the same fields (REFERENCE.md, "The design space: three independent
-switches"): magnitude decomposition on/off, the term tau added to the row norm, and static or generated
-low-rank factors. Their neighbours add three more switches to the same code path: factors generated per
+LoRA, DoRA and DoRAN are presets of the same fields, three independent switches: magnitude decomposition
+on/off, the term tau added to the row norm, and static or generated low-rank factors. Their neighbours add three more switches to the same code path: factors generated per
 attention head (``heads``: HoRA), a learnable diagonal on W0 (``diag``: Pre-Diag) and a skew-symmetric
 rotation of the output (``rotation_rank``: SORA). ``PRESET_FORMS`` gives each preset's equation.
 """
@@ -14,19 +13,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConfigError
+from .errors import DoranError as DoranError  # importable from here as before
+
 TAU_MODES = ("zero", "fixed", "learned")
 TAU_GRANULARITIES = ("matrix", "row")
 FACTOR_KINDS = ("static", "generated")
 SHARING_VARIANTS = ("none", "qv_first", "qv_full", "global")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh")
-
-
-class DoranError(ValueError):
-    """Base class of doran's input errors: the message names the problem and the fix."""
-
-
-class ConfigError(DoranError):
-    """A configuration value is out of range or unknown; the message says which and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +51,8 @@ class AdapterConfig:
 
     # --- switch 2: tau, the term added to the row norm ---
     tau_mode: str = "zero"  # zero | fixed | learned (tau = softplus(rho), rho trained)
-    tau_init: float = 0.1  # tau at step 0, RELATIVE to the row norm (see REFERENCE.md "Scale matters")
+    tau_init: float = 0.1  # tau at step 0, RELATIVE to the row norm: tau in weight units is tau_init times the
+    #   row scale (mean row norm of W0, or per row, see tau_floor), so one value fits weights of any scale
     tau_granularity: str = "matrix"  # matrix: one tau per adapted matrix; row: one per output row
     tau_floor: float = 0.1  # per-row mode: row scale is max(||W0_i||, tau_floor * mean_i ||W0_i||)
     tau_lr: float | None = None  # own learning rate for tau in `param_groups` (None: the base lr)
@@ -115,7 +110,12 @@ class AdapterConfig:
         return cls(**values)
 
     def replace(self, **changes: Any) -> AdapterConfig:
-        """A copy with some fields changed (validated)."""
+        """A copy with some fields changed (validated).
+
+        Example::
+
+            cfg = AdapterConfig.preset("doran").replace(tau_mode="fixed")
+        """
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ checks
@@ -194,13 +194,21 @@ class AdapterConfig:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (tuples stay tuples); :meth:`from_dict` reads it back."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The fields as JSON with sorted keys (what an adapter file's metadata holds)."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
+        """A config from :meth:`to_dict`'s output; unknown fields raise :class:`ConfigError`.
+
+        Example::
+
+            cfg = AdapterConfig.from_dict(json.loads(AdapterConfig.preset("dora").to_json()))
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
@@ -213,7 +221,7 @@ class AdapterConfig:
         return self.alpha / self.r
 
 
-# Presets: each is a point of the design space (REFERENCE.md). Fields not named keep the dataclass default.
+# Presets: each is a point of the design space above. Fields not named keep the dataclass default.
 PRESETS: dict[str, dict[str, Any]] = {
     "lora": dict(magnitude=False, tau_mode="zero", factors="static"),
     "dora": dict(magnitude=True, tau_mode="zero", detach_norm=True, factors="static"),
@@ -229,7 +237,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # projections (our reading: each projection has its own reparameterisation).
     "replora": dict(magnitude=False, tau_mode="zero", factors="generated", sharing="none"),
     # HoRA / HyRA (arXiv 2510.04295): per-head factors from one generator per block, shared across the
-    # heads and across q and v (qv_full); the per-head row split of delta W is our form (REFERENCE.md).
+    # heads and across q and v (qv_full); the per-head row split of delta W is our form (no code is public).
     "hora": dict(magnitude=False, tau_mode="zero", factors="generated", sharing="qv_full", heads="auto"),
     # Pre-Diag (arXiv 2511.00051): W' = diag(d) W0 + s B A.
     "prediag": dict(magnitude=False, tau_mode="zero", factors="static", diag=True),

@@ -7,7 +7,7 @@ For one adapted projection with input width ``d_in`` and output width ``d_out``:
 
 Each of the r rows of A (and of B^T) is the output of a two-layer MLP applied to one learned embedding.
 The embeddings ``e_A``, ``e_B`` always belong to the projection; which MLP layers are shared is the sharing
-variant (REFERENCE.md): ``none`` (nothing), ``qv_first`` (the first layers ``W1_A``, ``W1_B`` are shared by
+variant: ``none`` (nothing), ``qv_first`` (the first layers ``W1_A``, ``W1_B`` are shared by
 the projections of one block: the paper's figure 1), ``qv_full`` (both layers shared within a block),
 ``global`` (both layers shared by every block).
 
@@ -25,10 +25,12 @@ of size lr on ``W2`` moves the generated factor by O(lr) whatever the hidden wid
 scaled at creation so that the generated A has exactly the standard deviation of LoRA's kaiming-uniform A
 (``1 / sqrt(3 d_in)``), and ``W2_B = 0`` so that B = 0 and the adapted model equals the base model at step 0.
 
-Effective step (measured, tests/test_io_and_generators.py): at the same Adam learning rate the generated A
-moves about 1.3-1.8x as far as a static LoRA A, and the update B A about 0.35-0.45x as far as LoRA's, for
-r 4-16 and hidden widths 16-64. Generated methods therefore want their own (larger) learning rate: compare
+At the same Adam learning rate the generated factors move by other amounts than static LoRA factors
+(tests/test_io_and_generators.py measures it), so generated methods want their own learning rate: compare
 methods only at their own tuned learning rates.
+
+:func:`generate_stacked` computes the same two layers for S generators at once (the adapter bank of
+doran.fast), on their tensors stacked along a first dimension.
 """
 
 from __future__ import annotations
@@ -66,9 +68,18 @@ class SecondLayer(nn.Module):
         self.multiplier = 1.0 / hidden
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # as (W2 h^T)^T: the gradient of W2 then comes out in W2's own (row-major) layout, which autograd can
-        # take over as it is; (h W2^T) would give a transposed one, copied each step to match W2's layout
-        return (self.weight.to(h.dtype) @ h.transpose(-1, -2)).transpose(-1, -2) * self.multiplier
+        return second_layer(self.weight, h, self.multiplier)
+
+
+def second_layer(W2: torch.Tensor, h: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """``c * W2 h``, computed as ``(W2 h^T)^T``: the gradient of W2 then comes out in W2's own (row-major)
+    layout, which autograd takes over as it is; ``h W2^T`` would give a transposed one, copied each step to
+    match W2's layout. W2 (width, hidden) with h (r, hidden) or per head (H, r, hidden); stacked (the bank),
+    W2 (S, width, hidden) with h (S, r, hidden), one batched product. Returns (..., r, width).
+    """
+    if W2.ndim == 3:
+        return torch.bmm(W2, h.transpose(1, 2)).transpose(1, 2) * multiplier
+    return (W2.to(h.dtype) @ h.transpose(-1, -2)).transpose(-1, -2) * multiplier
 
 
 class FactorGenerator(nn.Module):
@@ -118,3 +129,19 @@ def init_second_A(second_A: SecondLayer, first_A: FirstLayer, emb_A: torch.Tenso
         second_A.weight.normal_(0.0, 1.0, generator=generator)
         A = second_A(first_A(emb_A))
         second_A.weight.mul_(lora_a_std(d_in) / A.std().clamp_min(1e-12))
+
+
+def generate_stacked(E: torch.Tensor, W1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor, act: nn.Module,
+                     multiplier: float) -> torch.Tensor:
+    """The factor rows of S generators at once, ``c * W2 act(W1 e^T + b1)`` per generator -> (S, r, width).
+
+    E (S, r, k) the stacked embeddings, W1 (S, hidden, k) and b1 (S, hidden) the first layers, W2
+    (S, width, hidden) the second layers: :class:`FirstLayer` then :func:`second_layer`, one batched
+    product each.
+
+    Example::
+
+        A = generate_stacked(emb_A, W1_A, b1_A, W2_A, nn.GELU(), 1 / 32)   # (S, r, in)
+    """
+    h = act(torch.baddbmm(b1.unsqueeze(1), E, W1.transpose(1, 2)))  # (S, r, hidden)
+    return second_layer(W2, h, multiplier)  # (S, r, width)

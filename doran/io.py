@@ -17,14 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import AdapterConfig, DoranError
+from .config import AdapterConfig
+from .errors import AdapterFileError as AdapterFileError  # importable from here as before
+from .errors import DoranError
 from .inject import STATE_ATTR, _state, adapted_modules, eject, inject, named_adapter_parameters
 
 FORMAT = "doran-adapter/1"
-
-
-class AdapterFileError(DoranError):
-    """An adapter file is unreadable, corrupt or does not fit the model."""
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -58,7 +56,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], AdapterConfig, dict]:
-    """(tensors, config, metadata) of an adapter file; raises :class:`AdapterFileError` if unreadable."""
+    """(tensors, config, metadata) of an adapter file; raises :class:`AdapterFileError` if unreadable.
+
+    Example::
+
+        tensors, cfg, meta = doran.read_adapter("adapter.safetensors")
+    """
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"no adapter file at {path}; save one with doran.save_adapter(model, path)")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from doran.config import ConfigError
+from doran.errors import ConfigError
 
 
 class RunInterrupted(KeyboardInterrupt):

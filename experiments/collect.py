@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from experiments.constants import RESULTS_DIR, SWEEP_FILE, SWEEPS, method_order, param_groups
 from doran.results import find_result, read_json, result_files, run_id_of_file
+from experiments.constants import RESULTS_DIR, SWEEP_FILE, SWEEPS, method_order, param_groups
 from experiments.runner import read_manifest
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"

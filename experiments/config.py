@@ -31,7 +31,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-from doran.config import ConfigError
+from doran.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: data-file suffixes that make a given ``data.path`` a text table (``data.kind=table``)
@@ -353,8 +353,8 @@ class LMRunConfig:
 
 def _check_common(cfg: RunConfig | LMRunConfig) -> None:
     import doran
-    from doran.compiling import check_compile
     from doran.data import check_fraction
+    from doran.fast.compiling import check_compile
 
     cfg.method = str(cfg.method).lower()
     if cfg.method not in doran.PRESETS:

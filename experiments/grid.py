@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from doran.config import ConfigError
+from doran.errors import ConfigError
 from experiments.config import RunConfig, load, parse_overrides
 from experiments.constants import PROFILE_DIR, REPO, RESULTS_DIR, SWEEP_DIR, TUNED_DIR, all_methods
 

@@ -36,6 +36,7 @@ import seaborn as sns
 
 from experiments.collect import t_interval
 from experiments.constants import FIGURES_DIR, METHOD_ORDER, RESULTS_DIR, method_order
+
 #: one colour per method, fixed across figures (colour-blind safe).
 _COLORS = sns.color_palette("colorblind", 10)
 METHOD_COLORS = {m: _COLORS[i] for i, m in enumerate(METHOD_ORDER)}

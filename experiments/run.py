@@ -136,7 +136,13 @@ def run(
     import doran
     from doran import results
     from doran.data import class_counts, stratified_subset, subset_hash
-    from doran.training import ValidationSchedule, default_callbacks, derive_seed, resolve_precision, seed_everything
+    from doran.training import (
+        ValidationSchedule,
+        default_callbacks,
+        derive_seed,
+        resolve_precision,
+        seed_everything,
+    )
 
     t_start, c_start = time.perf_counter(), time.process_time()
     rt, d, t = cfg.runtime, cfg.data, cfg.train

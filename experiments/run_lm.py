@@ -23,7 +23,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
 from experiments.cli import cli, interruptible
 from experiments.config import LMRunConfig, load
 
@@ -61,10 +60,13 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
         CausalLMModule,
         CommonsenseData,
         StepLossRecorder,
+        default_callbacks,
+        derive_seed,
         evaluate_tasks,
+        resolve_precision,
         save_trained_adapter,
+        seed_everything,
     )
-    from doran.training import default_callbacks, derive_seed, resolve_precision, seed_everything
 
     t_start = time.perf_counter()
     rt, m, d, t, ev = cfg.runtime, cfg.model, cfg.data, cfg.train, cfg.eval
@@ -115,8 +117,7 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
                             rt.ckpt_min_interval_s, diag.max_points)
     cbs.pop("history")  # classification curves; the LM records step losses below
     if t.strategy == "fsdp":
-        from doran.training import fsdp_safe
-        from doran.training import MagnitudeRecorder, TauRecorder
+        from doran.training import MagnitudeRecorder, TauRecorder, fsdp_safe
 
         cbs["tau"] = fsdp_safe(TauRecorder)(diag.every_n_steps, diag.max_points)
         cbs["magnitude"] = fsdp_safe(MagnitudeRecorder)(diag.every_n_steps, diag.max_points)

@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         return 0
     args = build_parser().parse_args(argv)
-    from doran.config import ConfigError
     from doran.data import DataError
+    from doran.errors import ConfigError
     from experiments.cli import raise_on_sigterm
 
     signal.signal(signal.SIGTERM, raise_on_sigterm)  # SIGTERM stops like Ctrl-C: runs in progress resume later

@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     from doran.data import DataError
-    from doran.config import ConfigError
+    from doran.errors import ConfigError
 
     try:
         use_local_assets(args.model_dir, args.data_file)

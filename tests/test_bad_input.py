@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from doran.config import ConfigError
 from doran.data import DataError, DataWarning, load_splits, read_text_table
+from doran.errors import ConfigError
 from experiments import run as run_mod
 from experiments import run_lm
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import doran
-from doran import fused
+from doran.fast import fused
 
 torch.set_default_dtype(torch.float32)
 
@@ -225,7 +225,7 @@ def test_fused_linear_gradcheck(mode, bias, B_form, ranges, raw_dg):
     """Both forms of B: B_big (out, R), and the slices' B stacked (k, d, r), evenly spaced (strided views in
     the backward) or not (per-slice ops); with ``raw_dg`` the layer hands back g * dL/dg and g comes through
     the bank's ``_GradTimesG``, which divides (the eager per-layer path): the same gradients."""
-    from doran.bank import _GradTimesG
+    from doran.fast.bank import _GradTimesG
 
     torch.manual_seed(0)
     N, n, out, r = 5, 4, 9, 2
@@ -272,7 +272,7 @@ def test_zero_magnitude_row_gets_zero_magnitude_gradient():
     h = torch.randn(4, 1, dtype=torch.float64)
     B = torch.randn(2, 1, dtype=torch.float64)
     z = x @ W.t() + h @ B.t()
-    from doran.bank import _GradTimesG
+    from doran.fast.bank import _GradTimesG
 
     for raw_dg in (False, True):  # the layer dividing, or the bank's _GradTimesG
         g = torch.tensor([0.0, 1.5], dtype=torch.float64, requires_grad=True)
@@ -417,7 +417,7 @@ def test_bank_equals_per_slice_and_reference_for_every_sharing_variant(sharing):
 
 
 def test_bank_serves_the_models_forward_only():
-    from doran import bank
+    from doran.fast import bank
 
     torch.manual_seed(0)
     model = Blocks()
@@ -456,7 +456,7 @@ def test_gradient_accumulation_over_two_forwards_with_the_bank():
 
 
 def test_eject_and_merged_copy_remove_the_bank_hooks():
-    from doran import bank
+    from doran.fast import bank
 
     model = Blocks()
     doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))
@@ -503,7 +503,7 @@ def test_a_compiled_model_traces_the_bank_into_its_graph(compiled_bank, blocks, 
     """Compiled, the layers take their factors and row scales from the bank's traced computation (or, if
     switched off, compute their own); gradients equal eager's either way. 10 blocks (20 slices) take the
     traced stack's tree of at most 8 inputs and, with shared first layers, the expanded stack."""
-    from doran import bank
+    from doran.fast import bank
 
     served = []
     original = bank.banked
@@ -535,7 +535,7 @@ def test_a_compiled_model_traces_the_bank_into_its_graph(compiled_bank, blocks, 
 def test_traced_stack_equals_torch_stack(pattern):
     """The bank's stack (a tree of at most 8 inputs when traced; runs of one shared tensor expanded) gives
     torch.stack's values and gradients, traced or not, whatever the sharing pattern."""
-    from doran.bank import _stack_shared
+    from doran.fast.bank import _stack_shared
 
     distinct = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True) for _ in range(max(pattern) + 1)]
     weights = torch.randn(len(pattern), 3, 2, dtype=torch.float64)
@@ -603,7 +603,7 @@ def test_bank_under_activation_checkpointing(reentrant):
 
 
 def test_bank_follows_merge_and_unmerge():
-    from doran import bank
+    from doran.fast import bank
 
     torch.manual_seed(0)
     model = Blocks()
@@ -623,7 +623,7 @@ def test_bank_follows_merge_and_unmerge():
 
 def test_bank_stands_aside_when_parameters_are_sharded_after_it_was_built():
     """FSDP wrapping after a first forward leaves other layers' parameters empty during the root forward."""
-    from doran import bank
+    from doran.fast import bank
 
     model = Blocks()
     doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("q_proj", "v_proj")))

@@ -11,7 +11,7 @@ from conftest import perturb, tiny_bert
 from torch import nn
 
 import doran
-from doran.layers import factored_row_norm, weight_times_At
+from doran.norm import factored_row_norm, weight_times_At
 
 
 class Wrap(nn.Module):

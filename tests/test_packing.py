@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import doran
-from doran import fused, packing
+from doran.fast import fused, packing
 
 
 class QKV(nn.Module):

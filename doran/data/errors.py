@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """Missing or malformed data; the message names the file (and line) and says how to fix it."""
+from doran.errors import DataError
 
 
 def _need_file(path: Path, what: str, fix: str) -> Path:

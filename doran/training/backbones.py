@@ -11,10 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class WeightsError(FileNotFoundError):
-    """Pretrained weights were asked for but cannot be found; the message says how to supply them."""
-
+from doran.errors import WeightsError
 
 #: a tiny random BERT for tests and smoke runs (uses the embedded MiniLM's tokenizer, vocabulary 30522).
 RANDOM_BERT = "random-bert"

@@ -26,16 +26,13 @@ from torch import nn
 
 import doran
 from doran.data import commonsense as cs
+from doran.errors import ModelFilesError
 
 from .module import AdapterModule
 
 RANDOM_LLAMA = "random-llama"
 SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelFilesError(FileNotFoundError):
-    """The language model or its tokenizer cannot be found; the message says what is expected."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,7 +146,7 @@ class CausalLMModule(AdapterModule):
         lr, weight_decay, warmup_steps: AdamW and a linear warm-up, then linear decay to 0 (DoRA's recipe).
         gradient_checkpointing: recompute activations in backward (non-reentrant).
         seed: adapters are initialised from a stream derived from it (methods paired by seed).
-        compile: how the model runs (``doran.compiling``): ``"auto"`` compiles with CUDA graphs on one GPU or
+        compile: how the model runs (``doran.fast.compiling``): ``"auto"`` compiles with CUDA graphs on one GPU or
             under DDP and runs eager on a CPU and under FSDP; ``"none"``, ``"default"``, ``"reduce-overhead"``,
             ``"aot_eager"``.
         model, tokenizer: already built objects (tests, the real-model demo); not hyper-parameters.

@@ -46,7 +46,7 @@ class AdapterClassifier(AdapterModule):
         warmup_ratio / warmup_steps: linear warm-up length (steps win if > 0), then cosine to ``min_lr_ratio``.
         label_smoothing: cross-entropy label smoothing.
         seed: pairs methods: the head and the adapters are initialised from streams derived from it.
-        compile: how the model runs (``doran.compiling``): ``"auto"`` compiles with CUDA graphs on a GPU
+        compile: how the model runs (``doran.fast.compiling``): ``"auto"`` compiles with CUDA graphs on a GPU
             and runs eager on a CPU; ``"none"``, ``"default"``, ``"reduce-overhead"``, ``"aot_eager"``.
         model: an already built backbone (tests); not a hyper-parameter.
 

@@ -2,7 +2,7 @@
 
 A subclass builds its backbone and says how a batch becomes a loss and how the learning rate moves; the base
 injects the adapters (from a stream of the run seed, so that methods are paired), runs the model compiled or
-eager (``doran.compiling``), packs the adapter tensors before the optimizer exists, skips and records a
+eager (``doran.fast.compiling``), packs the adapter tensors before the optimizer exists, skips and records a
 non-finite training loss, builds AdamW over ``doran.param_groups`` (no decay on 1-D tensors), and writes
 adapter-only checkpoints that resume exactly (RNG states included).
 """
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import doran
-from doran.compiling import CompiledRunner, adamw, check_compile
+from doran.fast import CompiledRunner, adamw, check_compile
 
 from .seeds import derive_seed, rng_state, set_rng_state
 
@@ -98,7 +98,7 @@ class AdapterModule(pl.LightningModule):
     # ----------------------------------------------------------------- adapter-only checkpoints
     def adapter_state_keys(self) -> list[str]:
         """state_dict keys of the trainable tensors (adapters and head): all that a checkpoint holds."""
-        return [f"model.{name}" for name in doran.packing.trainable_names(self.model)]
+        return [f"model.{name}" for name in doran.fast.store.trainable_names(self.model)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keys = {k.replace("_fsdp_wrapped_module.", "") for k in self.adapter_state_keys()}

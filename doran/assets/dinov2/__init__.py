@@ -32,7 +32,7 @@ the float32 model. ``python -m doran.assets.dinov2 check`` repeats the ONNX comp
 Example::
 
     from doran.assets.dinov2 import build_classifier, model_path
-    path = model_path(convert_if_missing=True)       # ~/.cache/doran/models/dinov2-vits14-imgfocus
+    path = ensure()                                  # converts once; ~/.cache/doran/models/dinov2-vits14-imgfocus
     model = build_classifier(num_classes=10, image_size=112)
     logits = model(pixel_values=torch.randn(2, 3, 112, 112)).logits
 
@@ -40,7 +40,7 @@ Command line: ``python -m doran.assets.dinov2 convert | check | probe``.
 """
 
 from .cli import main
-from .convert import check, convert
+from .convert import check, convert, ensure
 from .folder import (
     CONVERSION_FILE,
     ENV_DIR,
@@ -110,6 +110,7 @@ __all__ = [
     "conversion_record",
     "convert",
     "default_dir",
+    "ensure",
     "extract_features",
     "final_layernorm_output",
     "fit_logistic",

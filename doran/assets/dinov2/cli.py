@@ -9,8 +9,8 @@ from pathlib import Path
 
 from doran.assets.archives import ArchiveError
 
-from .convert import check, convert
-from .folder import ModelMissingError, conversion_record, default_dir, model_path
+from .convert import check, convert, ensure
+from .folder import ModelMissingError, conversion_record, default_dir
 from .graph import ConversionError
 from .model import DEFAULT_IMAGE_SIZE
 from .probe import probe
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             size = (path / "model.safetensors").stat().st_size / 1e6
             print(f"{path} ({size:.1f} MB, {time.perf_counter() - start:.1f} s)")
         elif args.command == "ensure":
-            print(f"{model_path(convert_if_missing=True)}: ok")
+            print(f"{ensure()}: ok")
         elif args.command == "check":
             result = check(args.path)
             for c in result["onnx_check"]:

@@ -17,6 +17,7 @@ from doran.assets.archives import sha256_file
 
 from .folder import (
     CONVERSION_FILE,
+    ENV_DIR,
     MODEL_NAME,
     _missing,
     _no_progress_bars,
@@ -122,3 +123,11 @@ def check(path: str | Path | None = None) -> dict[str, Any]:
     model = load_backbone(folder)
     records = verify_against_onnx(model, read_onnx(download=False), tolerance=ONNX_TOLERANCE + FP16_TOLERANCE)
     return {"path": str(folder), "onnx_check": records}
+
+
+def ensure() -> Path:
+    """The converted folder (``model_path()``), converting the backbone first when the default folder has
+    no model yet: the set-up step (``python -m doran.assets.dinov2 ensure``), a no-op once done."""
+    if not os.environ.get(ENV_DIR) and not (default_dir() / "model.safetensors").is_file():
+        convert(default_dir())
+    return model_path()

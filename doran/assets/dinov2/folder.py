@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from doran.assets.archives import cache_dir, sha256_file
+from doran.errors import ModelMissingError
 
 from .graph import ConversionError
 
@@ -22,10 +23,6 @@ from .graph import ConversionError
 ENV_DIR = "DORAN_DINOV2_DIR"
 MODEL_NAME = "dinov2-vits14-imgfocus"
 CONVERSION_FILE = "conversion.json"
-
-
-class ModelMissingError(FileNotFoundError):
-    """The converted model folder is missing or damaged; the message says how to (re)create it."""
 
 
 @contextlib.contextmanager
@@ -55,18 +52,14 @@ def _missing(path: Path, why: str) -> ModelMissingError:
     )
 
 
-def model_path(*, convert_if_missing: bool = False) -> Path:
+def model_path() -> Path:
     """The converted folder (``$DORAN_DINOV2_DIR`` or ``default_dir()``), its model file's sha256 checked.
 
     The sha256 recorded in ``conversion.json`` at conversion time must match ``model.safetensors``: a damaged
-    or edited copy is refused. ``convert_if_missing=True`` converts when the (default) folder is absent.
+    or edited copy is refused. ``doran.assets.dinov2.ensure()`` converts first when the folder is absent.
     """
     override = os.environ.get(ENV_DIR)
     path = Path(override) if override else default_dir()
-    if not (path / "model.safetensors").is_file() and convert_if_missing and not override:
-        from .convert import convert  # convert.py builds on this module
-
-        convert(path)
     for name in ("config.json", "model.safetensors", CONVERSION_FILE):
         if not (path / name).is_file():
             raise _missing(path, f"no {name}")

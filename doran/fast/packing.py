@@ -1,13 +1,14 @@
 """Packed adapter storage: the parameters of each adapter-bank group held as one tensor per kind.
 
 Injected, every projection owns its tensors: DoRAN on ViT-B/16's 24 q/v slices has 194 (embeddings,
-generator layers, magnitude, tau), LoRA 50. The bank (doran/bank.py) stacks them each forward, autograd
+generator layers, magnitude, tau), LoRA 50. The bank (doran/fast/bank.py) stacks them each forward, autograd
 accumulates 194 gradients, a CUDA-graph replay rebuilds 194 gradient outputs and the optimizer walks 194
 tensors: host work per tensor that a step whose kernels are replayed cannot hide. ``pack(model)`` stores
-the tensors of each bank group (the slices whose shapes and settings agree, doran/bank.py) stacked, one
+the tensors of each bank group (the slices whose shapes and settings agree, doran/fast/groups.py) stacked, one
 ``nn.Parameter`` per kind: ``emb_A`` (S, r, k), ``magnitude`` (S, out), a first layer shared by the q and v
 of a block as (S / 2, hidden, k), and so on (ViT-B/16: 12 tensors). They live in a submodule of the
-model, ``model.doran_packed``; the bank takes them as they are (no stack forward, no unbind backward).
+model, ``model.doran_packed`` (doran/fast/store.py); the bank takes them as they are (no stack forward, no
+unbind backward).
 
 Everything else sees the model as before:
 
@@ -38,34 +39,29 @@ from typing import Any
 import torch
 from torch import nn
 
-ATTR = "doran_packed"
-_REFS = "_doran_packed_refs"  # on a module whose tensors are packed: {attribute: (store, key, index)}
+from ..inject import _state, adapted_modules, slice_adapters
+from . import bank
+from .groups import bank_entries, group_entries, sharded
+from .store import REFS, PackedGroup, Ref, Role
 
-
-class PackedStore(nn.Module):
-    """The packed tensors of a model (``model.doran_packed``): one parameter per group and kind.
-
-    ``groups[i]`` is ``(slices, roles)``: the group's SliceAdapters in the bank's order and, per role (the
-    tensor's name inside a SliceAdapter, e.g. ``generator.first_A.linear.weight``), ``(key, index)``: the
-    parameter ``key`` of this store and, per slice, the row of it that is that slice's tensor. ``names``
-    lists, per key, the model-relative names of its rows (the unpacked state-dict names)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.groups: list[tuple[list[nn.Module], dict[str, tuple[str, tuple[int, ...]]]]] = []
-        self.names: dict[str, list[list[str]]] = {}  # key -> per row, its names (a shared tensor has several)
-        self.kinds: dict[str, str] = {}  # key -> the role it packs (its last name part tells the group)
-
+# Re-exported: the readers of packed storage as other code reaches them (doran.packing.<name>)
+from .store import ATTR as ATTR
+from .store import PackedStore as PackedStore
+from .store import adapter_tensors as adapter_tensors
+from .store import is_packed as is_packed
+from .store import named_views as named_views
+from .store import store_of as store_of
+from .store import trainable_names as trainable_names
 
 _CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
 def _view(attr: str) -> property:
     def get(self: nn.Module) -> torch.Tensor:
-        store, key, index = self.__dict__[_REFS][attr]
+        store, key, index = self.__dict__[REFS][attr]
         return getattr(store, key)[index]
 
-    return property(get, doc=f"``{attr}``: a row of a packed tensor (doran.packing)")
+    return property(get, doc=f"``{attr}``: a row of a packed tensor (doran.fast.packing)")
 
 
 def _packed_class(cls: type, attrs: tuple[str, ...]) -> type:
@@ -95,15 +91,6 @@ def _owner(root: nn.Module, local: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(path) if path else root), attr
 
 
-def store_of(model: nn.Module) -> PackedStore | None:
-    store = model._modules.get(ATTR)
-    return store if isinstance(store, PackedStore) else None
-
-
-def is_packed(model: nn.Module) -> bool:
-    return store_of(model) is not None
-
-
 def _group_tensors(group, slice_names: dict[int, str]):
     """Per role of a group: the slices' tensors and the roles' model-relative names."""
     roles: dict[str, list[tuple[torch.Tensor, str]]] = {}
@@ -125,20 +112,17 @@ def pack(model: nn.Module) -> PackedStore | None:
         doran.pack(model)
         opt = torch.optim.AdamW(doran.param_groups(model, lr=1e-3))
     """
-    from . import bank
-    from .inject import _state, adapted_modules, slice_adapters
-
     _state(model)
     if is_packed(model):
         return store_of(model)
     if any(m.merged for _, m in adapted_modules(model)):
         raise RuntimeError("the model is merged; call doran.unmerge(model) before doran.pack(model)")
-    if bank._sharded(model):
+    if sharded(model):
         raise RuntimeError("doran.pack does not work on a sharded model (FSDP shards each block's tensors, "
                            "packed ones would belong to the root); leave it unpacked (the Lightning modules do)")
     slice_names = {id(ad): f"{name}.doran.{key}" for name, layer in adapted_modules(model)
                    for key, ad in layer.doran.items()}  # module paths: the state-dict names
-    groups = bank.group_entries(bank._entries(model))
+    groups = group_entries(bank_entries(model))
     # where each tensor is used: only tensors used within one group are packed
     users: dict[int, set[int]] = {}
     for gi, group in enumerate(groups):
@@ -175,7 +159,7 @@ def pack(model: nn.Module) -> PackedStore | None:
 
     store = PackedStore()
     for gi, (group, roles) in enumerate(zip(groups, plan)):
-        entry: dict[str, tuple[str, tuple[int, ...]]] = {}
+        entry: dict[str, Role] = {}
         for role, (distinct, names, index) in roles.items():
             key = f"g{gi}_{role.replace('.', '_')}"
             flag = distinct[0].requires_grad
@@ -183,8 +167,8 @@ def pack(model: nn.Module) -> PackedStore | None:
                                                        requires_grad=flag))
             store.names[key] = names
             store.kinds[key] = role
-            entry[role] = (key, index)
-        store.groups.append(([ad for _, ad in group], entry))
+            entry[role] = Role(key, index)
+        store.groups.append(PackedGroup([ad for _, ad in group], entry))
     # commit: every packed tensor leaves its module, which reads it from the store from now on
     model.add_module(ATTR, store)
     for slices, roles in store.groups:
@@ -196,8 +180,8 @@ def pack(model: nn.Module) -> PackedStore | None:
                 done.add(pos)
                 owner, attr = _owner(ad, role)
                 del owner._parameters[attr]
-                refs = owner.__dict__.setdefault(_REFS, {})
-                refs[attr] = (store, key, pos)
+                refs = owner.__dict__.setdefault(REFS, {})
+                refs[attr] = Ref(store, key, pos)
                 base = getattr(type(owner), "_doran_unpacked_class", type(owner))
                 owner.__class__ = _packed_class(base, tuple(sorted(refs)))
     _hook(model)
@@ -207,9 +191,13 @@ def pack(model: nn.Module) -> PackedStore | None:
 
 def unpack(model: nn.Module) -> None:
     """Give every packed tensor back to its module as an ``nn.Parameter`` holding its current value (the
-    inverse of :func:`pack`; ``eject`` calls it). Build the optimizer again afterwards."""
-    from . import bank
+    inverse of :func:`pack`; ``eject`` calls it). Build the optimizer again afterwards.
 
+    Example::
+
+        doran.unpack(model)
+        opt = torch.optim.AdamW(doran.param_groups(model, lr=1e-3))
+    """
     store = store_of(model)
     if store is None:
         return
@@ -218,70 +206,17 @@ def unpack(model: nn.Module) -> None:
             P = store._parameters[key]
             for ad, pos in zip(slices, index):
                 owner, attr = _owner(ad, role)
-                refs = owner.__dict__.get(_REFS)
+                refs = owner.__dict__.get(REFS)
                 if not refs or attr not in refs:
                     continue  # shared: given back at its first slice
                 del refs[attr]
                 base = owner.__class__._doran_unpacked_class
                 owner.__class__ = _packed_class(base, tuple(sorted(refs))) if refs else base
                 if not refs:
-                    del owner.__dict__[_REFS]
+                    del owner.__dict__[REFS]
                 owner.register_parameter(attr, nn.Parameter(P.detach()[pos].clone(), requires_grad=P.requires_grad))
     del model._modules[ATTR]
     bank.forget(model)
-
-
-def group_roles(ads: list[nn.Module], model: nn.Module | None) -> tuple[PackedStore, dict] | None:
-    """(store, roles) when ``ads`` (a bank group, in order) is exactly one packed group, else None."""
-    store = store_of(model) if model is not None else None
-    if store is None:
-        return None
-    for slices, roles in store.groups:
-        if len(slices) == len(ads) and all(a is b for a, b in zip(slices, ads)):
-            return store, roles
-    return None
-
-
-def stacked(store: PackedStore, roles: dict, role: str) -> torch.Tensor | None:
-    """The (S, ...) stack of ``role`` over a packed group's slices: the packed tensor itself, or (a tensor
-    shared by runs of consecutive slices) expanded; None when the role is not packed."""
-    if role not in roles:
-        return None
-    key, index = roles[role]
-    P = getattr(store, key)
-    n = len(index)
-    if index == tuple(range(n)):
-        return P
-    k = n // P.shape[0]
-    if P.shape[0] * k == n and index == tuple(i // k for i in range(n)):
-        return P.unsqueeze(1).expand(P.shape[0], k, *P.shape[1:]).reshape(n, *P.shape[1:])
-    return P[list(index)]
-
-
-def packed_roles(module: nn.Module) -> dict[str, Any]:
-    """``{attribute: (store, key, index)}`` of a module's packed tensors (empty when none)."""
-    return module.__dict__.get(_REFS, {})
-
-
-def adapter_tensors(ad: nn.Module) -> list[torch.Tensor]:
-    """Every tensor of a SliceAdapter, packed ones as their views (each shared one once)."""
-    out: list[torch.Tensor] = list(ad.parameters())
-    seen: set[tuple[int, str, int]] = set()
-    for module in ad.modules():
-        for store, key, index in packed_roles(module).values():
-            if (id(store), key, index) not in seen:
-                seen.add((id(store), key, index))
-                out.append(store._parameters[key][index])
-    return out
-
-
-def named_views(model: nn.Module) -> dict[int, list[tuple[str, torch.Tensor, str]]]:
-    """Per packed tensor (by id): its rows as ``(unpacked name, view, role)``."""
-    store = store_of(model)
-    if store is None:
-        return {}
-    return {id(P): [(names[0], P[i], store.kinds[key]) for i, names in enumerate(store.names[key])]
-            for key, P in store._parameters.items()}
 
 
 # ------------------------------------------------------------------------------ state-dict names
@@ -318,14 +253,3 @@ def _hook(model: nn.Module) -> None:
         model.register_state_dict_post_hook(_save_hook)
         model.register_load_state_dict_pre_hook(_load_hook)
         object.__setattr__(model, "_doran_packed_hooks", True)
-
-
-def trainable_names(model: nn.Module) -> list[str]:
-    """The state-dict names of ``model``'s trainable tensors, packed ones by their unpacked names (a shared
-    tensor by its first name, as ``named_parameters`` lists it): what an adapter-only checkpoint holds."""
-    views = named_views(model)
-    out = []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            out.extend([row_name for row_name, _, _ in views[id(p)]] if id(p) in views else [name])
-    return out

@@ -4,7 +4,7 @@
 
 ``"auto"`` (default)   ``"reduce-overhead"`` on a CUDA device, ``"none"`` elsewhere and under a sharding
                        strategy (FSDP). On a GPU the eager step is bound by the host launching kernels one at
-                       a time (docs/benchmarks.md); compiled, DoRAN's small ops are fused (doran/fused.py's
+                       a time (docs/benchmarks.md); compiled, DoRAN's small ops are fused (doran/fast/fused.py's
                        autograd nodes and the adapter bank are traced, as one graph: ``compile_model``) and
                        CUDA graphs replay forward and backward in one launch each.
 ``"none"``             eager, the fused path and the adapter bank.
@@ -18,8 +18,8 @@ right to a multiple of ``TOKEN_MULTIPLE`` (attention mask 0, label -100: the los
 real tokens do not change), which bounds the number of shapes to ``max_length / TOKEN_MULTIPLE``. The
 first steps of each shape and of each mode (training, evaluation) pay the compilation (tens of seconds).
 
-On a GPU the modules step ``doran.optim.FusedAdamW`` (``adamw``), whatever the compile mode: torch's fused
-AdamW without its per-tensor host work, which the compiled step cannot hide.
+On a GPU the modules step ``doran.fast.optim.FusedAdamW`` (``doran.fast.optim.adamw``), whatever the compile
+mode: torch's fused AdamW without its per-tensor host work, which the compiled step cannot hide.
 """
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bank import sync_stats
+
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "aot_eager")
 TOKEN_MULTIPLE = 64
 
 
 def check_compile(mode: str) -> str:
+    """``mode`` if it is one of ``COMPILE_MODES``; else ``ValueError`` naming them."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {COMPILE_MODES} (\"none\" runs eager)")
     return mode
@@ -51,7 +54,7 @@ class WholeCall(nn.Module):
     """Calls ``model``; compiled, its forward hooks and its forward are traced as one frame.
 
     ``torch.compile(model)`` runs a module's hooks outside the compiled frame and compiles each hook as a
-    frame of its own: the adapter bank's pre-hook (doran/bank.py) becomes a first graph whose factors and row
+    frame of its own: the adapter bank's pre-hook (doran/fast/bank.py) becomes a first graph whose factors and row
     scales (3 tensors per slice) cross into the forward's graph as outputs and inputs, with a second
     CUDA-graph replay and the outputs rebuilt on the host each step. Compiling this wrapper traces the call
     of ``model`` inside one frame, hooks included: one graph."""
@@ -66,11 +69,11 @@ class WholeCall(nn.Module):
 
 class CompiledModel(nn.Module):
     """What ``compile_model`` returns: per call, eagerly, the adapter bank's copies of the frozen weights' row
-    norms brought up to date (``doran.bank.sync_stats``: a version check per weight, a recomputation only
-    when one changed), then the compiled ``WholeCall``. The graph reads those copies instead of computing
-    ``||W0||_row`` from every frozen W0 each step (on the LLaMA-shaped benchmark, eight 4096 x 4096 reads:
-    0.1 ms of GPU time per step). The compiled call is not a registered submodule: the state dict is the
-    model's, under the name ``model``."""
+    norms brought up to date (``doran.fast.bank.sync_stats``: a version check per weight, a recomputation
+    only when one changed), then the compiled ``WholeCall``. The graph reads those copies instead of
+    computing ``||W0||_row`` from every frozen W0 each step (a read of every frozen weight saved per step).
+    The compiled call is not a registered submodule: the state dict is the model's, under the name
+    ``model``."""
 
     def __init__(self, model: nn.Module, **compile_kwargs: Any) -> None:
         super().__init__()
@@ -78,8 +81,6 @@ class CompiledModel(nn.Module):
         object.__setattr__(self, "compiled", torch.compile(WholeCall(model), **compile_kwargs))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from .bank import sync_stats
-
         sync_stats(self.model)
         return self.compiled(*args, **kwargs)
 
@@ -88,7 +89,13 @@ def compile_model(model: nn.Module, mode: str = "auto") -> nn.Module:
     """``model`` itself for ``"none"``, else a ``CompiledModel``: it shares ``model``'s parameters and traces
     its hooks and forward as one graph (``WholeCall``); ``mode`` is one of ``COMPILE_MODES``, ``"auto"``
     resolved on the device of the model's parameters (CUDA graphs on a GPU, eager on a CPU). Use this
-    rather than ``torch.compile(model)`` on an injected model (doran/bank.py)."""
+    rather than ``torch.compile(model)`` on an injected model (doran/fast/bank.py).
+
+    Example::
+
+        run = doran.compile_model(model, "default")   # shares model's parameters
+        loss = run(x).sum()
+    """
     if mode == "auto":
         param = next(model.parameters(), None)
         mode = resolve_compile(mode, param.device.type if param is not None else "cpu")
@@ -98,21 +105,6 @@ def compile_model(model: nn.Module, mode: str = "auto") -> nn.Module:
     if mode == "aot_eager":
         return CompiledModel(model, backend="aot_eager")
     return CompiledModel(model, mode=None if mode == "default" else mode)
-
-
-def adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float, sharded: bool = False) -> torch.optim.AdamW:
-    """AdamW as the Lightning modules step it: fused (``doran.optim.FusedAdamW``) when every tensor is on a
-    GPU and not sharded, PyTorch's default elsewhere (the same update, up to rounding). On a GPU the default
-    (foreach) AdamW costs the host tens of microseconds per tensor each step (per-tensor step counters read
-    back with ``.item()``), which the compiled step cannot hide: on one H200 the optimizer step of DoRAN on
-    ViT-B/16 (194 tensors) took 2.97 ms foreach and 1.21 ms fused (LoRA, 50 tensors: 1.05 and 0.52 ms;
-    docs/benchmarks.md)."""
-    from .optim import FusedAdamW
-
-    params = [p for group in groups for p in group["params"]]
-    if params and not sharded and all(p.is_cuda and type(p) is nn.Parameter for p in params):
-        return FusedAdamW(groups, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def pad_tokens(batch: dict[str, Any], multiple: int = TOKEN_MULTIPLE, pad_id: int = 0) -> dict[str, Any]:

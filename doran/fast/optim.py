@@ -1,28 +1,32 @@
 """AdamW with the host's per-tensor work done once: the optimizer the Lightning modules step on a GPU.
 
 ``torch.optim.AdamW(fused=True)`` updates every tensor in one fused kernel, but before each step it walks
-the parameters in Python to collect their gradients and state (``_init_group``: a dozen list and dict
-operations per tensor). DoRAN has about 8 tensors per adapted projection (embeddings, generator layers,
+the parameters in Python to collect their gradients and state (``_init_group``: list and dict operations
+for every tensor). DoRAN has about 8 tensors per adapted projection (embeddings, generator layers,
 magnitude, tau) against LoRA's 2, so that walk is a real share of a compiled step whose GPU work is
-replayed from a CUDA graph: on one H200, ViT-B/16's 194 DoRAN tensors took 1.39 ms per optimizer step
-(LoRA's 50: 0.60 ms; docs/benchmarks.md).
+replayed from a CUDA graph.
 
 ``FusedAdamW`` takes torch's first step as it is (which creates the state exactly as torch does), keeps
 the lists of parameters and state tensors of each group, and from then on only gathers the gradients and
 calls the same fused kernel with the same arguments (and clears the gradients from the same lists): the
-update is torch's, bit for bit (tests/test_compiling.py). Tensors that never had a gradient (no state yet) are kept apart and must still
-have none. Whatever the lean step does not cover (a tensor with state but without gradient in this step, a
+update is torch's, bit for bit (tests/test_compiling.py). Tensors that never had a gradient (no state yet)
+are kept apart and must still have none. Whatever the lean step does not cover (a tensor with state but without gradient in this step, a
 first gradient, amsgrad, maximize, a gradient scaler's ``grad_scale``/``found_inf``, tensor
 hyper-parameters, new groups, a loaded state) is handed to torch's own step, and the lists are rebuilt
 after it.
+
+``adamw`` is where the Lightning modules choose between this optimizer and torch's default. It is not a
+setting (doran/settings.py): the choice follows from where the tensors are (all on a GPU, not sharded), so
+it is made per optimizer, from its parameters.
 """
 
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 
 
 class FusedAdamW(torch.optim.AdamW):
@@ -118,3 +122,19 @@ class FusedAdamW(torch.optim.AdamW):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._lists = None
+
+
+def adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float, sharded: bool = False) -> torch.optim.AdamW:
+    """AdamW as the Lightning modules step it: fused (:class:`FusedAdamW`) when every tensor is on a GPU and
+    not sharded, PyTorch's default elsewhere (the same update, up to rounding). On a GPU the default
+    (foreach) AdamW costs the host work per tensor each step (per-tensor step counters read back with
+    ``.item()``), which the compiled step cannot hide.
+
+    Example::
+
+        opt = adamw(doran.param_groups(model, lr=1e-3, weight_decay=1e-4), lr=1e-3, weight_decay=1e-4)
+    """
+    params = [p for group in groups for p in group["params"]]
+    if params and not sharded and all(p.is_cuda and type(p) is nn.Parameter for p in params):
+        return FusedAdamW(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,7 @@
+"""``python -m doran.export``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
