@@ -103,11 +103,12 @@ def bare_step_ms(cfg, steps: int, warmup: int, device: str) -> dict[str, Any]:
     from benchmarks.step_time import time_variant
     from doran.data import stratified_subset
     from experiments.grid import data_of
-    from experiments.run import build
+    from experiments.run import build, compile_mode
 
     splits = data_of(cfg)[0]
     train = splits.train.take(stratified_subset(splits.train.labels, cfg.fraction, cfg.seed))
-    module, datamodule, _ = build(cfg, splits.num_classes, (train, train, train))
+    torch._dynamo.reset()  # as each run does
+    module, datamodule, _ = build(cfg, splits.num_classes, (train, train, train), compile=compile_mode(cfg, 10**9))
     module.to(device)
     module.setup("fit")  # packs the adapter tensors, as the run does
     batch = next(iter(datamodule.train_dataloader()))

@@ -171,8 +171,13 @@ def run(
 
     # 2. model (pretrained weights, or a clear error)
     seed_everything(cfg.seed)
+    mode = compile_mode(cfg, steps)
+    if mode != "none":
+        # a worker runs many models: their compiled graphs would accumulate until torch falls back to eager
+        # (its recompile limit); each compiled run starts from a clean cache (the on-disk caches stay warm)
+        torch._dynamo.reset()
     module, datamodule, model_info = build(cfg, splits.num_classes, (train_split, val_split, test_split),
-                                           compile=compile_mode(cfg, steps))
+                                           compile=mode)
 
     # 3. train (resuming from the run's last checkpoint if an earlier attempt was interrupted)
     diag = cfg.diagnostics

@@ -36,7 +36,7 @@ class FusedAdamW(torch.optim.AdamW):
         kwargs["fused"] = True
         super().__init__(params, **kwargs)
         self._lists: list[tuple[list[torch.Tensor], ...]] | None = None
-        #: a device flag (float32, shape (1,)) set before ``step``: where it is nonzero the fused kernel leaves
+        #: a device flag (float32, 0-dim) set before ``step``: where it is nonzero the fused kernel leaves
         #: every tensor and its state as they were (the guard's way to drop a non-finite step without making
         #: the host wait for the GPU); it applies to the next step only
         self.skip_if: torch.Tensor | None = None

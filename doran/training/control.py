@@ -78,18 +78,18 @@ class NonFiniteGuard(Callback):
 
     def _device_check(self, trainer, pl_module, optimizer, leaves: list[torch.Tensor]) -> None:
         device = leaves[0].device
-        found = torch.zeros(1, device=device)
+        found = torch.zeros((), device=device)  # 0-dim, as a gradient scaler's found_inf
         # sets found to 1.0 where any gradient is non-finite (the scale 1.0 leaves every gradient unchanged)
         torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in leaves], found,
-                                                         torch.ones(1, device=device))
+                                                         torch.ones((), device=device))
         loss = getattr(pl_module, "last_loss", None)
         if loss is not None:
-            found = torch.maximum(found, (~torch.isfinite(loss.detach().float())).float().reshape(1))
+            found = torch.maximum(found, (~torch.isfinite(loss.detach().float().reshape(()))).float())
         optimizer.skip_if = found
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
         step = torch.full((), int(trainer.global_step), dtype=torch.long, device=device)
-        self._first_bad = torch.where((self._first_bad < 0) & (found[0] > 0), step, self._first_bad)
+        self._first_bad = torch.where((self._first_bad < 0) & (found > 0), step, self._first_bad)
 
     def state_dict(self) -> dict[str, Any]:
         return {"failure": self.failure}
