@@ -281,7 +281,7 @@ def run(
         "epoch_train_cpu_s": history.epochs["train_cpu_s"],
         "peak_memory": results.peak_memory(),
         "device": {**results.device_info(), "precision": precision,
-                   "compile": module.runner.mode if module._runner else rt.compile},
+                   "compile": module._runner[0].mode if module._runner else rt.compile},
         "env": results.environment(),
         "artifacts": artifacts,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -232,7 +232,7 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
             "precision": precision,
             "devices": t.devices,
             "strategy": t.strategy,
-            "compile": module.runner.mode if module._runner else rt.compile,
+            "compile": module._runner[0].mode if module._runner else rt.compile,
         },
         "env": results.environment(),
         "artifacts": artifacts,
