@@ -101,12 +101,11 @@ class PhaseTimer(pl.Callback):
 def bare_step_ms(cfg, steps: int, warmup: int, device: str) -> dict[str, Any]:
     """``benchmarks.step_time.time_variant`` on the run's own model, adapters, batch and compile mode."""
     from benchmarks.step_time import time_variant
-    from doran.data import stratified_subset
     from experiments.grid import data_of
-    from experiments.run import build, compile_mode
+    from experiments.run import build, compile_mode, train_subset
 
     splits = data_of(cfg)[0]
-    train = splits.train.take(stratified_subset(splits.train.labels, cfg.fraction, cfg.seed))
+    train = splits.train.take(train_subset(cfg, splits))
     torch._dynamo.reset()  # as each run does
     module, datamodule, _ = build(cfg, splits.num_classes, (train, train, train), compile=compile_mode(cfg, 10**9))
     module.to(device)

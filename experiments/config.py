@@ -36,7 +36,8 @@ from doran.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: data-file suffixes that make a given ``data.path`` a text table (``data.kind=table``)
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".jsonl", ".ndjson")
-TEXT_DATA, IMAGE_DATA = ("embedded", "table", "csv", "jsonl"), ("vtab", "fgvc", "imagefolder")
+TEXT_DATA = ("embedded", "table", "csv", "jsonl", "textsuite")
+IMAGE_DATA = ("vtab", "fgvc", "imagefolder", "imagesuite")
 #: key names of other tools -> ours, for "did you mean"
 SYNONYMS = {"learning_rate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "max_epochs": "epochs",
             "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "bs": "batch_size",
@@ -52,8 +53,8 @@ T = TypeVar("T")
 
 @dataclass
 class ModelConfig:
-    kind: str = "text"  # text (transformers encoder) | image (timm)
-    name: str = "embedded-minilm"  # text: embedded-minilm | random-bert | a from_pretrained folder; image: timm
+    kind: str = "text"  # text (transformers encoder) | image (timm, or the converted DINOv2)
+    name: str = "embedded-minilm"  # text: embedded-minilm | random-bert | a folder; image: a timm name | dinov2-vits14
     pretrained: bool = True  # image: load pretrained weights (hub cache or model.checkpoint), else an error
     checkpoint: str | None = None  # image: a local weights file (.safetensors/.pth/.npz) for timm
     allow_download: bool = False  # image: let timm download weights missing from the cache (needs internet)
@@ -62,12 +63,14 @@ class ModelConfig:
     augment: bool = False  # image: timm's training augmentation (false: eval transform, the VTAB-1K custom)
     head: str | None = "auto"  # module re-initialised under the seed: classifier (text) / head (image); null: keep
     trainable: str | list[str] = "auto"  # modules trained besides the adapters: [classifier] / [head]
-    kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model(**kwargs) / BertConfig fields
+    kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model(**kwargs) / BertConfig fields /
+    # dinov2-vits14: {image_size: 112} (a multiple of 14; the images are resized to it)
 
 
 @dataclass
 class DataConfig:
-    kind: str = "embedded"  # embedded | table (CSV/TSV/JSONL; inferred from a given path) | vtab | fgvc | imagefolder
+    kind: str = "embedded"  # embedded | table (CSV/TSV/JSONL; inferred from a path) | textsuite | vtab | fgvc |
+    # imagefolder | imagesuite (textsuite / imagesuite: the offline suites, task in data.task)
     path: str | None = None  # table: one file (split below); vtab: the vtab-1k folder; fgvc/imagefolder: dataset folder
     train_path: str | None = None  # table: files already split instead of path (val_path optional)
     val_path: str | None = None
@@ -79,11 +82,12 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # one file: train/val/test, each > 0
     split_seed: int = 0  # seed of that split: fixed, it is the benchmark (the run seed does not change it)
     dedup: bool = True  # table: drop duplicates, conflicting labels and train/test overlap before splitting
-    task: str | None = None  # vtab: task folder (cifar, dtd, ...)
+    task: str | None = None  # vtab: task folder (cifar, dtd, ...); textsuite / imagesuite: the task (trec6, mnist, ...)
     name: str | None = None  # fgvc: cub | nabirds | flowers | dogs | cars
     protocol: str = "final"  # vtab/fgvc: final (train on train+val, test on test) | tune (validate on val)
     image_dir: str | None = None  # fgvc: image folder inside data.path (default per dataset)
     eval_limit: int | None = None  # cap val and test at about this many examples (stratified; smoke runs only)
+    min_per_class: int = 1  # the training subset keeps at least this many examples per class (where a class has them)
 
     #: the fields ``doran.data.load_splits`` takes
     LOADER_ARGS: typing.ClassVar[tuple[str, ...]] = (
@@ -176,14 +180,14 @@ class RunConfig:
 
         targets = self.adapter.get("targets", "auto")
         if targets == "auto":
-            targets = default_targets(m.kind)
+            targets = default_targets(m.kind, m.name)
         elif isinstance(targets, str):  # "qkv" or "query,value": a bare string must not become its characters
             targets = [x.strip() for x in targets.split(",") if x.strip()]
         self.adapter["targets"] = list(targets)
         if m.head == "auto":
-            m.head = default_head(m.kind)
+            m.head = default_head(m.kind, m.name)
         if m.trainable == "auto":
-            m.trainable = [default_head(m.kind)]
+            m.trainable = [default_head(m.kind, m.name)]
         if isinstance(m.trainable, str):
             m.trainable = [m.trainable]
         _check_adapter(self.method, self.adapter)
@@ -212,6 +216,10 @@ class RunConfig:
                 d.split = list(check_split_fractions(d.split))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        if d.kind in ("textsuite", "imagesuite") and not d.task:
+            raise ConfigError(f"data.kind={d.kind} needs data.task (list them: python -m doran.data.{d.kind})")
+        if d.min_per_class < 1:
+            raise ConfigError(f"data.min_per_class must be an integer >= 1, got {d.min_per_class!r}")
         if m.checkpoint is not None and not Path(m.checkpoint).is_file():
             raise ConfigError(f"model.checkpoint={m.checkpoint!r} is not a file")
         if m.kind == "text":

@@ -290,7 +290,7 @@ def estimate_cost(cfg: RunConfig) -> float:
 
     splits = data_of(cfg)[0]
     t, limit = cfg.train, cfg.data.eval_limit
-    n_train = subset_size(splits.train.labels, cfg.fraction)  # the data module's rule: the same for every seed
+    n_train = subset_size(splits.train.labels, cfg.fraction, cfg.data.min_per_class)  # the same for every seed
     n_val, n_test = (min(len(s), limit or len(s)) for s in (splits.val, splits.test))
     epochs = protocol_epochs(t.epochs, t.min_steps, n_train, t.batch_size)
     steps = math.ceil(n_train / t.batch_size) * epochs

@@ -55,13 +55,12 @@ def measure_step(cfg, steps: int = 3) -> float:
     import torch
 
     import doran
-    from doran.data import stratified_subset
     from experiments.config import replace
     from experiments.grid import data_of
-    from experiments.run import build
+    from experiments.run import build, train_subset
 
     splits = data_of(cfg)[0]
-    train = splits.train.take(stratified_subset(splits.train.labels, cfg.fraction, cfg.seed))
+    train = splits.train.take(train_subset(cfg, splits))
     probe = replace(cfg, **{"runtime.compile": "none"})
     module, datamodule, _ = build(probe, splits.num_classes, (train, train, train))
     batch = next(iter(datamodule.train_dataloader()))

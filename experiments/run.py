@@ -75,6 +75,14 @@ def protocol_epochs(epochs: int, min_steps: int, n_train: int, batch_size: int) 
     return max(int(epochs), math.ceil(min_steps / steps_per_epoch)) if min_steps > 0 else int(epochs)
 
 
+def train_subset(cfg: RunConfig, splits):
+    """Indices of the run's training subset: ``cfg.fraction`` of the training split, stratified, nested
+    across fractions, drawn by the seed, at least ``data.min_per_class`` per class (``doran.data``'s rule)."""
+    from doran.data import stratified_subset
+
+    return stratified_subset(splits.train.labels, cfg.fraction, cfg.seed, min_per_class=cfg.data.min_per_class)
+
+
 def _eval_subset(split, limit: int | None, split_seed: int):
     from doran.data import stratified_subset
 
@@ -104,6 +112,14 @@ def build(cfg: RunConfig, num_classes: int, splits: tuple, compile: str | None =
     if m.kind == "text":
         datasets = [TextDataset(s, tokenizer, m.max_length) for s in splits]
         collate = TextCollate(tokenizer.pad_token_id)
+    elif splits[0].inputs and not isinstance(splits[0].inputs[0], str):  # images as arrays (the image suite)
+        from doran.assets.dinov2 import IMAGE_MEAN, IMAGE_STD
+        from doran.data.imagesuite import ArrayImageDataset
+
+        size = model_info.get("image_size") or model.config.image_size
+        datasets = [ArrayImageDataset(s, size, IMAGE_MEAN, IMAGE_STD, augment=m.augment and i == 0)
+                    for i, s in enumerate(splits)]
+        collate = None
     else:
         train_tf, eval_tf = timm_transforms(model, m.augment)
         datasets = [ImageDataset(splits[0], train_tf), ImageDataset(splits[1], eval_tf),
@@ -135,7 +151,7 @@ def run(
 
     import doran
     from doran import results
-    from doran.data import class_counts, stratified_subset, subset_hash
+    from doran.data import class_counts, subset_hash
     from doran.training import (
         ValidationSchedule,
         default_callbacks,
@@ -161,7 +177,7 @@ def run(
     if rt.threads:
         torch.set_num_threads(int(rt.threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    subset = stratified_subset(splits.train.labels, cfg.fraction, cfg.seed)
+    subset = train_subset(cfg, splits)
     train_split = splits.train.take(subset)
     val_split = _eval_subset(splits.val, d.eval_limit, d.split_seed)
     test_split = _eval_subset(splits.test, d.eval_limit, d.split_seed)

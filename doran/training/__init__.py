@@ -11,6 +11,7 @@
 """
 
 from .backbones import (
+    DINOV2,
     RANDOM_BERT,
     WeightsError,
     build_backbone,
@@ -53,7 +54,7 @@ from .module import AdapterModule
 from .seeds import derive_seed, rng_state, seed_everything, set_rng_state
 
 __all__ = [
-    "RANDOM_BERT", "RANDOM_LLAMA", "SMOLLM2", "SMOLLM2_FILE", "AdapterCheckpoint", "AdapterClassifier",
+    "DINOV2", "RANDOM_BERT", "RANDOM_LLAMA", "SMOLLM2", "SMOLLM2_FILE", "AdapterCheckpoint", "AdapterClassifier",
     "AdapterModule", "ByteTokenizer", "CausalLMModule", "CommonsenseData", "GradNormRecorder", "HistoryRecorder",
     "MagnitudeRecorder", "ModelFilesError", "NonFiniteGuard", "SeededSampler", "StepLossRecorder", "TauRecorder",
     "TokenizedRecords", "ValidationSchedule", "WeightsError", "build_backbone", "build_causal_lm", "build_text_model", "build_timm",

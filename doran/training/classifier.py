@@ -82,7 +82,8 @@ class AdapterClassifier(AdapterModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         runner = self.runner
         if "pixel_values" in batch:
-            return runner.model(batch["pixel_values"])  # (B, C)
+            out = runner.model(batch["pixel_values"])  # timm: the logits; transformers: an output with .logits
+            return out if torch.is_tensor(out) else out.logits  # (B, C)
         batch = runner.prepare(batch)
         pair = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
         out = runner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **pair)
