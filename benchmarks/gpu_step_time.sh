@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU half of the performance benchmarks (workloads a, b, c), for one CUDA GPU (the lent H100):
-#   bash benchmarks/device_perf.sh [OUT_DIR] [PART...]   # writes gpu-<gpu>-*.json there (default benchmarks/results)
-# PART: tests | vit | llama | sweep (default: all four). One file per workload: compiled variants (reduce-overhead
-# through doran.compile_model, the Lightning modules' default on a GPU), eager ones and PEFT's DoRA in one run,
-# so every ratio is from one process (about 4 min for vit, 3 for llama on an H200), then every variant again in
-# 6 interleaved rounds (ROUNDS=0: none; step_time.py interleaved_rounds: the GPU's clocks drift over a run,
-# so the rounds' ratios are the fairer ones; the models stay alive, so the run needs ~8x one variant's memory). ALL=1 adds the other
-# execution modes and PEFT's LoRA (twice as long). On a copied tree, export DORAN_GIT_COMMIT (and
-# DORAN_GIT_DIRTY) first so the files name the code.
+# Step time of every variant on one CUDA GPU: ViT-B/16 (batch 64) and a LLaMA-shaped model (4 x 512), and the
+# single-layer sweep. Numbers and how to read them: docs/performance.md.
+#   bash benchmarks/gpu_step_time.sh [OUT_DIR] [PART...]   # writes gpu-<gpu>-<part>.json (default benchmarks/results)
+# PART: tests | vit | llama | sweep (default: all four). tests runs the GPU tests of the fast path first.
+# One file per workload, every ratio from one process: our LoRA, DoRA and DoRAN compiled (doran.compile_model
+# with CUDA graphs, the Lightning modules' default on a GPU) and eager, PEFT's DoRA and the base model (about
+# 4 min for vit and 3 for llama on an H200). Then every variant is timed again in ROUNDS interleaved rounds
+# (default 6; ROUNDS=0: none): the GPU's clocks drift over a run, so the rounds' ratios are the fair ones; the
+# models stay alive for them, so the run needs about 8x one variant's memory. ALL=1 adds the other execution
+# modes and PEFT's LoRA (twice as long). On a copy of the tree without its git history, export
+# DORAN_GIT_COMMIT (and DORAN_GIT_DIRTY) first so that the files name the code they ran.
 set -euo pipefail
 out=${1:-benchmarks/results}
 shift || true

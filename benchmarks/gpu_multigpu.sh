@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# On a 2-GPU machine (nvidia-h200-x2), the LM arm's multi-GPU check with a ~1.1B random LLaMA:
-#   part "curves": the same run (global batch 16, 60 steps) on 1 GPU, 2 GPUs with DDP and 2 GPUs with FSDP;
-#   part "throughput": global batch 64 on 1 GPU and on 2 GPUs with DDP, 30 steps, LoRA and DoRAN.
-# Usage: bash benchmarks/device_multigpu.sh curves|throughput. Result JSONs and a table land in $OUT.
+# The language-model arm on 1 and 2 GPUs of one host, with a random-init LLaMA of about 1.1B parameters
+# (experiments/configs/lm_multigpu.yaml); numbers in docs/performance.md:
+#   curves:     the same run (global batch 16, 60 steps) on 1 GPU, on 2 GPUs with DDP, and with a float32 base
+#               on 1 GPU and on 2 GPUs with FSDP;
+#   throughput: global batch 64 on 1 GPU and on 2 GPUs with DDP, 30 steps, LoRA and DoRAN.
+# Usage: bash benchmarks/gpu_multigpu.sh curves|throughput. Result files and a table go to $OUT (default
+# /tmp/out); the runs themselves to experiments/results/lm-multigpu/<part>.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
