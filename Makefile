@@ -38,25 +38,27 @@ run:  ## one run; make run ARGS="method=lora seed=1 fraction=0.1"
 smoke:  ## the embedded default end to end in ~20 s on CPU
 	$(PY) -m experiments.run --config experiments/configs/smoke.yaml $(ARGS)
 
-# ---- experiments (issue 5): PROFILE=default|smoke|vtab|fgvc; JOBS=N parallel runs; ARGS=extra options
+# ---- experiments (docs/experiments.md): PROFILE=default|smoke|vtab|fgvc; JOBS=N parallel runs; ARGS=extra options
 PROFILE ?= default
 JOBS ?= 1
 ARGS ?=
-README_TABLE = $(if $(filter default,$(PROFILE)),--readme README.md,)
+TASKS ?=
+TASK_ARGS = $(if $(TASKS),--tasks $(TASKS),)
+README_TABLE = $(if $(filter default,$(PROFILE)),--readme docs/results.md,)
 
 .PHONY: ablation-tau ablation-hypernet sample-efficiency tune figures results-table
 
 ablation-tau:  ## tau = 0 / fixed / learned, static and generated factors, 5 seeds (PROFILE, JOBS, ARGS)
-	$(PY) -m experiments.sweep ablation_tau --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
+	$(PY) -m experiments.sweep ablation_tau --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)
 
 ablation-hypernet:  ## DoRAN's generator sharing: static, none, qv_first, qv_full, global; 5 seeds
-	$(PY) -m experiments.sweep ablation_hypernet --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
+	$(PY) -m experiments.sweep ablation_hypernet --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)
 
 sample-efficiency:  ## every method at 1%, 10%, 100% of the training data, 5 seeds
-	$(PY) -m experiments.sweep sample_efficiency --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
+	$(PY) -m experiments.sweep sample_efficiency --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)
 
 tune:  ## an Optuna study per method, same trial budget; writes experiments/configs/tuned/<profile>/
-	$(PY) -m experiments.tune --profile $(PROFILE) --jobs $(JOBS) $(ARGS)
+	$(PY) -m experiments.tune --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)
 
 FIGURES ?= figures
 
