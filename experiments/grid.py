@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from doran.errors import ConfigError
-from experiments.config import RunConfig, load, parse_overrides
+from experiments.config import RunConfig, load, parse_overrides, unflatten
 from experiments.constants import PROFILE_DIR, REPO, RESULTS_DIR, SWEEP_DIR, TUNED_DIR, all_methods
 
 
@@ -48,6 +48,27 @@ class Profile:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     tune: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    tasks: list[str] = field(default_factory=list)  # a multi-task profile: the tasks a target runs by default
+    task_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # per task: dotted run-config keys
+    family: str = ""  # the profile file's name (a task's view keeps it: sweep files' profiles.<family> sections)
+
+    def for_task(self, task: str) -> Profile:
+        """This profile on one of its tasks: named ``<profile>/<task>``, so that its results, tuned files and
+        figures live in folders of their own (``results/<profile>/<task>/<sweep>/``), with ``data.task`` and
+        the task's own settings merged over ``run``."""
+        if not self.tasks:
+            raise SweepError(f"profile {self.name} runs one data set, not tasks; drop --tasks (or TASKS=)")
+        run = _deep_merge(self.run, {"data": {"task": task}})
+        run = _deep_merge(run, unflatten(self.task_settings.get(task, {})))
+        return Profile(name=f"{self.name}/{task}", path=self.path, config=self.config, run=run, seeds=self.seeds,
+                       tune=self.tune, description=f"{self.description}: {task}", family=self.family or self.name)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 @dataclass
@@ -107,7 +128,7 @@ def load_profile(name: str | Path) -> Profile:
     """
     path = _find("profile", name, PROFILE_DIR)
     data = _read_yaml(path)
-    _check_keys(data, ("description", "config", "run", "seeds", "tune"), str(path))
+    _check_keys(data, ("description", "config", "run", "seeds", "tune", "tasks", "task_settings"), str(path))
     config = data.get("config")
     if config is not None:
         config = Path(config) if Path(config).is_absolute() else REPO / config
@@ -116,8 +137,25 @@ def load_profile(name: str | Path) -> Profile:
     seeds = data.get("seeds", [0, 1, 2, 3, 4])
     if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise SweepError(f"{path}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    tasks = [str(t) for t in data.get("tasks") or []]
+    settings = data.get("task_settings") or {}
+    unknown = sorted(set(settings) - set(tasks))
+    if unknown:
+        raise SweepError(f"{path}: task_settings for tasks not in `tasks`: {unknown}; tasks: {tasks}")
     return Profile(name=path.stem, path=path, config=config, run=data.get("run") or {}, seeds=list(seeds),
-                   tune=data.get("tune") or {}, description=str(data.get("description", "")))
+                   tune=data.get("tune") or {}, description=str(data.get("description", "")), tasks=tasks,
+                   task_settings={k: dict(v) for k, v in settings.items()}, family=path.stem)
+
+
+def profiles_for(profile: Profile, tasks: Sequence[str] | None) -> list[Profile]:
+    """The profile(s) a target runs: one per task (``tasks``, else the profile's own task list), or the
+    profile itself when it runs one data set."""
+    chosen = list(tasks) if tasks else profile.tasks
+    if tasks and profile.tasks:
+        unknown = sorted(set(tasks) - set(profile.tasks))
+        if unknown:
+            raise SweepError(f"profile {profile.name} has no task(s) {unknown}; its tasks: {profile.tasks}")
+    return [profile.for_task(t) for t in chosen] if chosen else [profile]
 
 
 def _variant(entry: dict[str, Any], source: str) -> Variant:
@@ -142,8 +180,9 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
     data = _read_yaml(path)
     _check_keys(data, ("name", "description", "variants", "methods", "seeds", "fractions", "baseline", "profiles"),
                 str(path))
-    section = (data.get("profiles") or {}).get(profile.name) or {}
-    _check_keys(section, ("variants", "methods", "seeds", "fractions"), f"{path}: profiles.{profile.name}")
+    family = profile.family or profile.name
+    section = (data.get("profiles") or {}).get(family) or {}
+    _check_keys(section, ("variants", "methods", "seeds", "fractions"), f"{path}: profiles.{family}")
     if "variants" in data and "methods" in data:
         raise SweepError(f"{path}: give either variants or methods, not both")
     if "variants" in data:
@@ -162,7 +201,7 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
     if keep is not None:
         missing = sorted(set(keep) - set(labels))
         if missing:
-            raise SweepError(f"{path}: profiles.{profile.name} names unknown variants {missing}; valid: {labels}")
+            raise SweepError(f"{path}: profiles.{family} names unknown variants {missing}; valid: {labels}")
         variants = [v for v in variants if v.label in keep]
     baseline = data.get("baseline")
     if baseline is not None and baseline not in labels:

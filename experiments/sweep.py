@@ -29,7 +29,7 @@ from pathlib import Path
 from experiments.assets import export_assets, use_local_assets
 from experiments.cluster import add_cluster_arguments, cluster_options, run_on_cluster
 from experiments.constants import REPO, RESULTS_DIR, SWEEPS, TUNED_DIR
-from experiments.grid import SweepError, build_grid, load_profile, load_sweep
+from experiments.grid import SweepError, build_grid, load_profile, load_sweep, profiles_for
 from experiments.progress import estimate
 from experiments.runner import run_points, state, write_manifest
 
@@ -68,7 +68,7 @@ def sweep_main(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise SweepError("--device cuda: no CUDA device is visible")
-    profile = load_profile(args.profile)
+    profiles = profiles_for(load_profile(args.profile), args.tasks)
     names = list(SWEEPS) if args.sweeps == ["all"] else args.sweeps
     tuned_dir = None if args.no_tuned else Path(args.tuned_dir)
     results_dir = Path(args.results)
@@ -81,7 +81,7 @@ def sweep_main(args: argparse.Namespace) -> int:
         )
     status = 0
     start = time.monotonic()
-    for name in names:
+    for profile, name in ((p, n) for p in profiles for n in names):
         spec = load_sweep(name, profile)
         points = build_grid(
             spec,
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("sweeps", nargs="+", help=f"sweep name(s) or files; `all` = {', '.join(SWEEPS)}")
     parser.add_argument("--profile", default="default", help="profile name or file (default: default)")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="a multi-task profile's tasks to run (default: all of its tasks)")
     parser.add_argument("--seeds", nargs="+", default=None, help="restrict seeds: 0 1 2 or 0-4")
     parser.add_argument("--fractions", nargs="+", type=float, default=None, help="restrict data fractions")
     parser.add_argument("--variants", "--methods", nargs="+", default=None, help="restrict variants/methods")

@@ -38,7 +38,15 @@ import yaml
 
 from experiments.assets import use_local_assets
 from experiments.constants import REPO, RESULTS_DIR, SWEEP_DIR, TUNED_DIR, all_methods
-from experiments.grid import Profile, SweepError, load_profile, point_config, point_run_id, tuned_path
+from experiments.grid import (
+    Profile,
+    SweepError,
+    load_profile,
+    point_config,
+    point_run_id,
+    profiles_for,
+    tuned_path,
+)
 
 SPACE_FILE = SWEEP_DIR / "tune.yaml"
 
@@ -373,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog=__doc__,
     )
     parser.add_argument("--profile", default="default")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="a multi-task profile's tasks to tune (default: all of its tasks)")
     parser.add_argument("--methods", nargs="+", default=None, help="default: every preset")
     parser.add_argument(
         "--trials", type=int, default=None, help="finished trials per method (default: profile)"
@@ -409,37 +419,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         use_local_assets(args.model_dir, args.data_file)
-        profile = load_profile(args.profile)
-        methods = [m.lower() for m in args.methods] if args.methods else all_methods()
-        results_dir, tuned_dir = Path(args.results), Path(args.tuned_dir)
-        storage = args.storage or default_storage(profile.name, results_dir)
-        if args.jobs > 1 or args.gpus:
-            status = _parallel(args, methods, storage)
-        else:
-            status, start = 0, time.monotonic()
-            for method in methods:
-                left = (
-                    None
-                    if args.time_limit is None
-                    else max(0.0, args.time_limit - (time.monotonic() - start))
-                )
-                if (
-                    tune_method(
-                        profile,
-                        method,
-                        trials=args.trials,
-                        storage=storage,
-                        results_dir=results_dir,
-                        tuned_dir=tuned_dir,
-                        extra=args.set,
-                        time_limit=left,
-                    )
-                    is None
-                ):
-                    status = 1
-        table = trials_table(profile.name, methods, storage, results_dir)
-        if table:
-            print(f"[tune] all trials -> {table}")
+        status = 0
+        for profile in profiles_for(load_profile(args.profile), args.tasks):
+            status = max(status, _tune_profile(args, profile))
         return status
     except (SweepError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -452,10 +434,32 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _parallel(args: argparse.Namespace, methods: list[str], storage: str) -> int:
+def _tune_profile(args: argparse.Namespace, profile: Profile) -> int:
+    """Every method's study on ``profile`` (one task of a multi-task profile, or a single-data-set one)."""
+    methods = [m.lower() for m in args.methods] if args.methods else all_methods()
+    results_dir, tuned_dir = Path(args.results), Path(args.tuned_dir)
+    storage = args.storage or default_storage(profile.name, results_dir)
+    if args.jobs > 1 or args.gpus:
+        status = _parallel(args, methods, storage, profile)
+    else:
+        status, start = 0, time.monotonic()
+        for method in methods:
+            left = None if args.time_limit is None else max(0.0, args.time_limit - (time.monotonic() - start))
+            done = tune_method(profile, method, trials=args.trials, storage=storage, results_dir=results_dir,
+                               tuned_dir=tuned_dir, extra=args.set, time_limit=left)
+            status = status if done is not None else 1
+    table = trials_table(profile.name, methods, storage, results_dir)
+    if table:
+        print(f"[tune] all trials -> {table}")
+    return status
+
+
+def _parallel(args: argparse.Namespace, methods: list[str], storage: str, profile: Profile) -> int:
     """One subprocess per method, ``--jobs`` at a time, GPUs round robin."""
     queue, running, status = list(methods), {}, 0
+    task = profile.name.split("/", 1)[1] if "/" in profile.name else None
     passthrough = [
+        *(["--tasks", task] if task else []),
         "--profile",
         args.profile,
         "--storage",

