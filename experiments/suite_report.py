@@ -1,0 +1,175 @@
+"""Across tasks: one verdict from the per-task sweeps of a multi-task profile. Trains nothing.
+
+    python -m experiments.suite_report --profile suite --sweep sample_efficiency --baseline lora
+    python -m experiments.suite_report --profile vision --sweep ablation_tau --baseline "static, tau=0, detached"
+
+For every task folder ``<results>/<profile>/<task>/<sweep>/`` (collected with ``experiments.collect``), and
+every variant and data fraction, it compares the variant with ``--baseline`` seed by seed (the same subset,
+head initialisation and batch order) and writes ``<results>/<profile>/<sweep>_across_tasks.csv``:
+
+- per task: the mean paired difference (percentage points) with its 95% t-interval over seeds, and the
+  task's outcome: a win where the interval lies above 0, a loss where it lies below, a tie otherwise;
+- pooled (``task = "pooled"``): the mean over tasks of the per-task mean differences, with a 95% t-interval
+  over tasks (tasks are the units: a random-effects view in its simplest form, which does not let a task
+  with many seeds dominate), and the counts of wins, ties and losses;
+- the mean rank of each variant (1 = the best mean accuracy on a task), averaged over tasks.
+
+and a forest plot ``figures/<profile>/<sweep>_forest.png`` (and ``.pdf``) per fraction: every task's interval
+and the pooled one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from experiments.collect import collect_sweep, t_interval
+from experiments.constants import FIGURES_DIR, RESULTS_DIR, SWEEP_FILE
+
+POOLED = "pooled"
+
+
+def task_folders(profile: str, sweep: str, results_dir: Path = RESULTS_DIR) -> dict[str, Path]:
+    """``{task: folder}`` of every task of ``profile`` that has a ``sweep`` folder with a manifest."""
+    root = Path(results_dir) / profile
+    return {p.parent.name: p for p in sorted(root.glob(f"*/{sweep}")) if (p / SWEEP_FILE).is_file()}
+
+
+def per_task(runs: pd.DataFrame, baseline: str, metric: str = "test_acc") -> pd.DataFrame:
+    """Seed-by-seed ``variant - baseline`` per (task, fraction, variant), in points, with its interval."""
+    ok = runs[runs["status"] == "completed"]
+    rows = []
+    for (task, fraction), g in ok.groupby(["task", "fraction"], sort=False):
+        base = g[g["variant"] == baseline].set_index("seed")[metric]
+        for variant, v in g.groupby("variant", sort=False):
+            if variant == baseline:
+                continue
+            mine = v.set_index("seed")[metric]
+            seeds = sorted(set(mine.index) & set(base.index))
+            diffs = [100 * (float(mine[s]) - float(base[s])) for s in seeds]
+            mean, low, high = t_interval(diffs)
+            outcome = "win" if low > 0 else "loss" if high < 0 else "tie"
+            rows.append({"task": task, "fraction": fraction, "variant": variant, "n_seeds": len(seeds),
+                         "diff_mean": mean, "ci_low": low, "ci_high": high,
+                         "outcome": outcome if len(seeds) > 1 else "undetermined"})
+    return pd.DataFrame(rows)
+
+
+def pooled(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (fraction, variant): the mean of the per-task mean differences, its 95% t-interval over tasks, and
+    wins / ties / losses over tasks."""
+    rows = []
+    for (fraction, variant), g in table.groupby(["fraction", "variant"], sort=False):
+        mean, low, high = t_interval(g["diff_mean"].tolist())
+        counts = g["outcome"].value_counts()
+        rows.append({"task": POOLED, "fraction": fraction, "variant": variant, "n_tasks": len(g),
+                     "diff_mean": mean, "ci_low": low, "ci_high": high, "wins": int(counts.get("win", 0)),
+                     "ties": int(counts.get("tie", 0)), "losses": int(counts.get("loss", 0))})
+    return pd.DataFrame(rows)
+
+
+def mean_ranks(runs: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+    """Per (fraction, variant): the rank of its mean accuracy among the variants on each task (1 = best,
+    ties share the mean rank), averaged over tasks."""
+    ok = runs[runs["status"] == "completed"]
+    means = ok.groupby(["task", "fraction", "variant"], sort=False)[metric].mean().reset_index()
+    means["rank"] = means.groupby(["task", "fraction"])[metric].rank(ascending=False, method="average")
+    return means.groupby(["fraction", "variant"], sort=False)["rank"].mean().reset_index(name="mean_rank")
+
+
+def report(profile: str, sweep: str, baseline: str, results_dir: Path = RESULTS_DIR) -> pd.DataFrame:
+    """The across-task table of ``sweep`` under ``profile`` (module docstring); written next to the tasks."""
+    folders = task_folders(profile, sweep, results_dir)
+    if not folders:
+        raise FileNotFoundError(f"no task has a {sweep} folder under {Path(results_dir) / profile}; run "
+                                f"`make {sweep.replace('_', '-')} PROFILE={profile}` first")
+    frames = []
+    for task, folder in folders.items():
+        runs = collect_sweep(folder)["runs"]
+        if len(runs):
+            frames.append(runs.assign(task=task))
+    runs = pd.concat(frames, ignore_index=True)
+    if baseline not in set(runs["variant"]):
+        raise ValueError(f"baseline {baseline!r} is not a variant of {sweep}; variants: {sorted(set(runs['variant']))}")
+    table = per_task(runs, baseline)
+    both = pd.concat([table, pooled(table)], ignore_index=True)
+    both = both.merge(mean_ranks(runs), on=["fraction", "variant"], how="left")
+    out = Path(results_dir) / profile / f"{sweep}_across_tasks.csv"
+    both.to_csv(out, index=False)
+    return both
+
+
+def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir: Path | None = None) -> list[Path]:
+    """A forest plot per fraction: each task's paired difference with its interval, and the pooled one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.plots import set_theme
+
+    set_theme()
+    out_dir = Path(out_dir) if out_dir is not None else FIGURES_DIR / profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fractions = sorted(table["fraction"].unique())
+    variants = list(dict.fromkeys(table["variant"]))
+    tasks = [t for t in dict.fromkeys(table["task"]) if t != POOLED] + [POOLED]
+    fig, axes = plt.subplots(1, len(fractions), figsize=(4.2 * len(fractions), 0.45 * len(tasks) * len(variants) + 1.5),
+                             sharey=True, squeeze=False)
+    for ax, fraction in zip(axes[0], fractions):
+        sub = table[table["fraction"] == fraction]
+        y, labels = 0, []
+        for task in tasks:
+            for i, variant in enumerate(variants):
+                row = sub[(sub["task"] == task) & (sub["variant"] == variant)]
+                if row.empty:
+                    continue
+                r = row.iloc[0]
+                err = [[r["diff_mean"] - r["ci_low"]], [r["ci_high"] - r["diff_mean"]]] if not math.isnan(r["ci_low"]) else None
+                ax.errorbar(r["diff_mean"], -y, xerr=err, fmt="D" if task == POOLED else "o", color=f"C{i}",
+                            capsize=3, ms=6 if task == POOLED else 4)
+                labels.append((y, f"{task}: {variant}" if len(variants) > 1 else task))
+                y += 1
+            y += 0.5
+        ax.axvline(0, color="0.3", lw=1)
+        ax.set(title=f"{fraction:.0%} of the training data", xlabel=f"accuracy - {baseline} (points, 95% CI)")
+        ax.set_yticks([-p for p, _ in labels], [name for _, name in labels])
+    fig.suptitle(f"{profile}, {sweep}: paired differences per task and pooled (mean over tasks)")
+    fig.tight_layout()
+    paths = [out_dir / f"{sweep}_forest.png", out_dir / f"{sweep}_forest.pdf"]
+    for path in paths:
+        fig.savefig(path, bbox_inches="tight", dpi=150, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.suite_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="suite")
+    parser.add_argument("--sweep", default="sample_efficiency")
+    parser.add_argument("--baseline", default="lora")
+    parser.add_argument("--results", default=str(RESULTS_DIR))
+    parser.add_argument("--figures", default=None, help="figure folder (default: figures/<profile>/)")
+    args = parser.parse_args(argv)
+    try:
+        table = report(args.profile, args.sweep, args.baseline, Path(args.results))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    paths = forest(table, args.profile, args.sweep, args.baseline, args.figures)
+    summary: Any = table[table["task"] == POOLED][["fraction", "variant", "n_tasks", "diff_mean", "ci_low", "ci_high",
+                                                   "wins", "ties", "losses", "mean_rank"]]
+    with pd.option_context("display.width", 160):
+        print(summary.round(2).to_string(index=False))
+    print(f"-> {Path(args.results) / args.profile / (args.sweep + '_across_tasks.csv')}, {paths[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
