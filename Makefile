@@ -46,13 +46,20 @@ TASKS ?=
 TASK_ARGS = $(if $(TASKS),--tasks $(TASKS),)
 README_TABLE = $(if $(filter default,$(PROFILE)),--readme docs/results.md,)
 
-.PHONY: ablation-tau ablation-hypernet sample-efficiency tune figures results-table
+.PHONY: ablation-tau ablation-hypernet sample-efficiency stability tune figures results-table
 
 ablation-tau:  ## tau = 0 / fixed / learned, static and generated factors, 5 seeds (PROFILE, JOBS, ARGS)
 	$(PY) -m experiments.sweep ablation_tau --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)
 
 ablation-hypernet:  ## DoRAN's generator sharing: static, none, qv_first, qv_full, global; 5 seeds
 	$(PY) -m experiments.sweep ablation_hypernet --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)
+
+stability:  ## LoRA, DoRA, DoRAN (and DoRAN without generators / without tau) over a learning-rate grid, in fp16 on a GPU, and under hard initial conditions; tables and figures
+	$(PY) -m experiments.sweep stability stability_init --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)
+	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) -m experiments.sweep stability_precision --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS); \
+	else echo "stability_precision: float16 mixed precision needs a GPU; not run here"; fi
+	$(if $(TASKS),$(foreach t,$(TASKS),$(PY) -m experiments.stability_report --profile $(PROFILE)/$(t) &&) true,$(PY) -m experiments.stability_report --profile $(PROFILE))
 
 sample-efficiency:  ## every method at 1%, 10%, 100% of the training data, 5 seeds
 	$(PY) -m experiments.sweep sample_efficiency --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)

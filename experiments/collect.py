@@ -141,6 +141,34 @@ def _entries(folder: Path, include_all: bool) -> list[dict[str, Any]]:
     return entries
 
 
+#: a recorded training loss more than this many times the median of the records before it is a spike
+SPIKE_FACTOR = 3.0
+#: accuracy within this much of the majority class's counts as ending at the majority class (diverged)
+MAJORITY_MARGIN = 0.005
+
+
+def stability(result: dict[str, Any]) -> dict[str, Any]:
+    """What a run says about its stability (docs/stability.md): ``diverged`` (a non-finite loss or gradient
+    stopped it, or it ended at the majority class), ``loss_spikes`` (recorded training losses above
+    ``SPIKE_FACTOR`` times the median of the records before them, after the first five) and
+    ``grad_spike_ratio`` (the largest total adapter-gradient norm over its median)."""
+    m = result.get("metrics", {})
+    acc, majority = m.get("test/acc"), m.get("test/majority_acc")
+    at_majority = acc is not None and majority is not None and acc <= majority + MAJORITY_MARGIN
+    losses = [v for v in ((result.get("curves") or {}).get("steps") or {}).get("train_loss", []) if v is not None]
+    spikes = sum(1 for i in range(5, len(losses)) if losses[i] > SPIKE_FACTOR * float(np.median(losses[:i])))
+    norms = [v for v in (result.get("grad_norm") or {}).get("total", []) if v is not None]
+    median = float(np.median(norms)) if norms else 0.0
+    return {
+        "diverged": result.get("status") != "completed" or at_majority,
+        "nonfinite": result.get("status") == "failed",
+        "loss_spikes": spikes,
+        "grad_norm_median": median if norms else None,
+        "grad_norm_p95": float(np.percentile(norms, 95)) if norms else None,
+        "grad_spike_ratio": max(norms) / median if norms and median > 0 else None,
+    }
+
+
 def _row(
     entry: dict[str, Any], result: dict[str, Any] | None, error: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -151,6 +179,7 @@ def _row(
     if result is None:
         row["status"] = "error" if error else "missing"
         row["error"] = f"{error.get('error')}: {error.get('message')}" if error else ""
+        row["error_type"] = error.get("error") if error else None
         return row
     m, a, cfg = result.get("metrics", {}), result.get("adapter_config", {}), result.get("config", {})
     row["status"] = "completed" if result["status"] == "completed" else "diverged"
@@ -199,6 +228,7 @@ def _row(
         last = max(tau["step"])
         final = [t for s, t in zip(tau["step"], tau["tau"]) if s == last and t is not None]
         row["tau_final_mean"] = float(np.mean(final)) if final else None
+    row.update(stability(result))
     device, git = result.get("device", {}), result.get("env", {}).get("git", {})
     cpu = f"CPU, {device.get('cpu_count')} cores" if device.get("type") == "cpu" else None
     row.update(

@@ -63,6 +63,7 @@ class ModelConfig:
     augment: bool = False  # image: timm's training augmentation (false: eval transform, the VTAB-1K custom)
     head: str | None = "auto"  # module re-initialised under the seed: classifier (text) / head (image); null: keep
     trainable: str | list[str] = "auto"  # modules trained besides the adapters: [classifier] / [head]
+    zero_rows: float = 0.0  # stress test: this fraction of every adapted weight's rows zeroed before injection
     kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model(**kwargs) / BertConfig fields /
     # dinov2-vits14: {image_size: 112} (a multiple of 14; the images are resized to it)
 
@@ -218,6 +219,8 @@ class RunConfig:
                 raise ConfigError(str(err)) from None
         if d.kind in ("textsuite", "imagesuite") and not d.task:
             raise ConfigError(f"data.kind={d.kind} needs data.task (list them: python -m doran.data.{d.kind})")
+        if not 0 <= m.zero_rows < 1:
+            raise ConfigError(f"model.zero_rows must lie in [0, 1) (a fraction of rows), got {m.zero_rows!r}")
         if d.min_per_class < 1:
             raise ConfigError(f"data.min_per_class must be an integer >= 1, got {d.min_per_class!r}")
         if m.checkpoint is not None and not Path(m.checkpoint).is_file():

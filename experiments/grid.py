@@ -178,11 +178,11 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
 
     path = _find("sweep", name, SWEEP_DIR)
     data = _read_yaml(path)
-    _check_keys(data, ("name", "description", "variants", "methods", "seeds", "fractions", "baseline", "profiles"),
-                str(path))
+    _check_keys(data, ("name", "description", "variants", "methods", "seeds", "fractions", "baseline", "profiles",
+                       "grid"), str(path))
     family = profile.family or profile.name
     section = (data.get("profiles") or {}).get(family) or {}
-    _check_keys(section, ("variants", "methods", "seeds", "fractions"), f"{path}: profiles.{family}")
+    _check_keys(section, ("variants", "methods", "seeds", "fractions", "grid"), f"{path}: profiles.{family}")
     if "variants" in data and "methods" in data:
         raise SweepError(f"{path}: give either variants or methods, not both")
     if "variants" in data:
@@ -203,6 +203,8 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
         if missing:
             raise SweepError(f"{path}: profiles.{family} names unknown variants {missing}; valid: {labels}")
         variants = [v for v in variants if v.label in keep]
+    variants = _expand(variants, section.get("grid", data.get("grid")) or {}, path)
+    labels = [v.label for v in variants]
     baseline = data.get("baseline")
     if baseline is not None and baseline not in labels:
         raise SweepError(f"{path}: baseline {baseline!r} is not a variant label; valid: {labels}")
@@ -215,6 +217,20 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
         baseline=baseline,
         description=str(data.get("description", "")),
     )
+
+
+def _expand(variants: list[Variant], axes: dict[str, Any], path: Path) -> list[Variant]:
+    """Every variant at every point of ``axes`` (``{dotted run-config key: [values]}``, a cross product): label
+    ``"<label>, <key>=<value>"``, the value set over the tuned ones and tagged under the key's last part."""
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{path}: grid.{key} must be a non-empty list of values, got {values!r}")
+        short = key.rsplit(".", 1)[-1]
+        variants = [Variant(label=f"{v.label}, {short}={value:g}" if isinstance(value, float) else
+                            f"{v.label}, {short}={value}", method=v.method, set={**v.set, key: value},
+                            tuned=v.tuned, tags={**v.tags, short: value})
+                    for v in variants for value in values]
+    return variants
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -91,6 +91,27 @@ def _eval_subset(split, limit: int | None, split_seed: int):
     return split.take(stratified_subset(split.labels, limit / len(split), split_seed))
 
 
+def zero_rows(model, cfg: RunConfig, fraction: float, seed: int = 0) -> int:
+    """Set ``fraction`` of the rows of every weight the run adapts to zero (each adapted slice alike, the rows
+    drawn by a fixed generator, the same for every method): a hard initial condition for the stability study
+    (a row of zero norm is where DoRA divides 0 by 0). Returns the number of rows zeroed."""
+    import torch
+
+    import doran
+    from doran.targets import find_targets
+
+    g = torch.Generator().manual_seed(seed)
+    count = 0
+    for target in find_targets(model, doran.AdapterConfig.preset(cfg.method, **cfg.adapter)):
+        with torch.no_grad():
+            for a, b in target.slices.values():
+                k = max(1, round(fraction * (b - a)))
+                rows = a + torch.randperm(b - a, generator=g)[:k]
+                target.module.weight[rows] = 0
+                count += k
+    return count
+
+
 def compile_mode(cfg: RunConfig, steps: int) -> str:
     """The run's compile mode: ``runtime.compile``, except that ``auto`` runs a run of fewer than
     ``runtime.compile_min_steps`` optimizer steps eager (its compilation would cost more than it saves)."""
@@ -109,6 +130,8 @@ def build(cfg: RunConfig, num_classes: int, splits: tuple, compile: str | None =
     backbone = {"kind": m.kind, "name": m.name, "pretrained": m.pretrained, "checkpoint": m.checkpoint,
                 "allow_download": m.allow_download, "tokenizer": m.tokenizer, "kwargs": m.kwargs}
     model, tokenizer, model_info = build_backbone(num_classes=num_classes, **backbone)
+    if m.zero_rows:
+        model_info["zeroed_rows"] = zero_rows(model, cfg, m.zero_rows)
     if m.kind == "text":
         datasets = [TextDataset(s, tokenizer, m.max_length) for s in splits]
         collate = TextCollate(tokenizer.pad_token_id)

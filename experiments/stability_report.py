@@ -1,0 +1,238 @@
+"""Does DoRAN stabilise DoRA? The stability study's tables and figures from its saved results. Trains nothing.
+
+    python -m experiments.stability_report --profile default        # make stability runs it after the sweeps
+
+It reads the sweep folders ``stability`` (the learning-rate grid), ``stability_precision`` (the same grid in
+float16 mixed precision, where run) and ``stability_init`` (hard initial conditions) of a profile (or of one
+task of a multi-task profile: ``--profile suite/trec6``), and writes next to them:
+
+- ``stability_lr.csv``: per sweep, method and learning rate: runs, diverged runs (a non-finite loss or gradient,
+  or the majority class at the end), runs refused before training, the mean test accuracy of the runs that
+  did not diverge with its 95% t-interval, the divergence rate, and gradient-norm percentiles;
+- ``stability_width.csv``: per sweep and method, the width of its stable learning-rate range in decades: the
+  longest run of consecutive grid points where no seed diverged and the mean accuracy is within 1 point of the
+  method's best, each grid point counting for one grid step (half a decade on the default grid);
+- ``stability_paired.csv``: DoRAN - DoRA per learning rate, seed by seed where both finished;
+- ``stability_init.csv``: per condition and method: runs, diverged, refused, mean accuracy;
+
+and the figures ``figures/<profile>/stability_lr.{png,pdf}`` (accuracy against the learning rate, diverged runs
+marked and counted, not averaged; the divergence rate) and ``stability_init.{png,pdf}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from experiments.collect import collect_sweep, t_interval
+from experiments.constants import RESULTS_DIR, SWEEP_FILE
+from experiments.plots import default_out
+
+SWEEPS = ("stability", "stability_precision")
+FAMILIES = ("lora", "dora", "doran", "doran, static factors", "doran, tau=0")
+#: within this many accuracy points of a method's best mean, a learning rate counts as stable
+TOLERANCE_POINTS = 1.0
+
+
+def _runs(folder: Path) -> pd.DataFrame:
+    runs = collect_sweep(folder)["runs"]
+    if runs.empty:
+        return runs
+    runs = runs.copy()
+    runs["refused"] = runs["status"].eq("error") & runs.get("error_type", pd.Series(dtype=str)).eq("InjectError")
+    runs["diverged"] = runs.get("diverged", False).fillna(False).astype(bool) | runs["status"].eq("diverged")
+    return runs
+
+
+def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per method and learning rate: counts, divergence rate, accuracy of the runs that did not diverge."""
+    rows = []
+    for (family, lr), g in runs.groupby(["tag_family", "tag_lr"], sort=False):
+        ok = g[(g["status"] == "completed") & ~g["diverged"]]
+        mean, low, high = t_interval((100 * ok["test_acc"].astype(float)).tolist())
+        norms = g["grad_norm_median"].dropna().astype(float)
+        rows.append({
+            "method": family, "lr": float(lr), "runs": len(g), "diverged": int(g["diverged"].sum()),
+            "refused": int(g["refused"].sum()), "errors": int((g["status"] == "error").sum() - g["refused"].sum()),
+            "divergence_rate": float(g["diverged"].mean()) if len(g) else math.nan,
+            "acc_mean": mean, "acc_ci_low": low, "acc_ci_high": high,
+            "grad_norm_p50": float(norms.median()) if len(norms) else None,
+            "grad_norm_p95": float(g["grad_norm_p95"].dropna().astype(float).median()) if len(norms) else None,
+            "grad_spike_ratio": float(g["grad_spike_ratio"].dropna().astype(float).median()) if len(norms) else None,
+            "loss_spikes": int(g["loss_spikes"].fillna(0).sum()),
+        })
+    return pd.DataFrame(rows).sort_values(["method", "lr"], kind="stable").reset_index(drop=True)
+
+
+def stable_width(table: pd.DataFrame, tolerance: float = TOLERANCE_POINTS) -> pd.DataFrame:
+    """Per method: the longest run of consecutive grid learning rates with no divergence and a mean accuracy
+    within ``tolerance`` points of the method's best, in decades (each point counting for one grid step)."""
+    rows = []
+    for method, g in table.groupby("method", sort=False):
+        g = g.sort_values("lr")
+        lrs = g["lr"].to_numpy()
+        step = float(np.median(np.diff(np.log10(lrs)))) if len(lrs) > 1 else 0.0
+        best = g["acc_mean"].max()
+        good = ((g["diverged"] == 0) & (g["errors"] == 0) & (g["acc_mean"] >= best - tolerance)).to_numpy()
+        longest = current = 0
+        first = last = None
+        for i, ok in enumerate(good):
+            current = current + 1 if ok else 0
+            if current > longest:
+                longest, last = current, i
+                first = i - current + 1
+        rows.append({"method": method, "best_acc": best, "stable_points": longest,
+                     "width_decades": longest * step,
+                     "lr_low": float(lrs[first]) if longest else None, "lr_high": float(lrs[last]) if longest else None})
+    return pd.DataFrame(rows)
+
+
+def paired(runs: pd.DataFrame, a: str = "doran", b: str = "dora") -> pd.DataFrame:
+    """``a - b`` per learning rate, seed by seed, over the seeds where both finished without diverging."""
+    rows = []
+    ok = runs[(runs["status"] == "completed") & ~runs["diverged"]]
+    for lr, g in ok.groupby("tag_lr", sort=True):
+        x = g[g["tag_family"] == a].set_index("seed")["test_acc"]
+        y = g[g["tag_family"] == b].set_index("seed")["test_acc"]
+        seeds = sorted(set(x.index) & set(y.index))
+        mean, low, high = t_interval([100 * (float(x[s]) - float(y[s])) for s in seeds])
+        rows.append({"lr": float(lr), "pairs": len(seeds), "diff_mean": mean, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows)
+
+
+def init_table(runs: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (condition, family), g in runs.groupby(["tag_condition", "tag_family"], sort=False):
+        ok = g[(g["status"] == "completed") & ~g["diverged"]]
+        mean, low, high = t_interval((100 * ok["test_acc"].astype(float)).tolist())
+        rows.append({"condition": condition, "method": family, "runs": len(g), "diverged": int(g["diverged"].sum()),
+                     "refused": int(g["refused"].sum()), "acc_mean": mean, "acc_ci_low": low, "acc_ci_high": high})
+    return pd.DataFrame(rows)
+
+
+def figures(tables: dict[str, pd.DataFrame], init: pd.DataFrame | None, out_dir: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.plots import set_theme
+
+    set_theme()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if tables:
+        fig, axes = plt.subplots(2, len(tables), figsize=(6 * len(tables), 7.5), squeeze=False, sharex=True)
+        for col, (sweep, table) in enumerate(tables.items()):
+            top, bottom = axes[0][col], axes[1][col]
+            for i, method in enumerate(m for m in FAMILIES if m in set(table["method"])):
+                g = table[table["method"] == method].sort_values("lr")
+                top.errorbar(g["lr"], g["acc_mean"], yerr=[g["acc_mean"] - g["acc_ci_low"], g["acc_ci_high"] - g["acc_mean"]],
+                             marker="o", capsize=3, color=f"C{i}", label=method)
+                bad = g[g["diverged"] > 0]
+                for _, r in bad.iterrows():
+                    top.annotate(f"{int(r['diverged'])}x", (r["lr"], 0), xycoords=("data", "axes fraction"),
+                                 color=f"C{i}", ha="center", va="bottom", fontsize=7)
+                bottom.plot(g["lr"], 100 * g["divergence_rate"], marker="s", color=f"C{i}", label=method)
+            top.set(xscale="log", ylabel="test accuracy (%), runs that did not diverge",
+                    title=f"{sweep}: accuracy (counts: diverged runs, not averaged)")
+            bottom.set(xscale="log", xlabel="learning rate", ylabel="diverged runs (%)", ylim=(-5, 105))
+            top.legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        for ext in ("png", "pdf"):
+            path = out_dir / f"stability_lr.{ext}"
+            fig.savefig(path, bbox_inches="tight", dpi=150, metadata={"CreationDate": None} if ext == "pdf" else None)
+            written.append(path)
+        plt.close(fig)
+    if init is not None and not init.empty:
+        conditions = list(dict.fromkeys(init["condition"]))
+        methods = [m for m in FAMILIES if m in set(init["method"])]
+        fig, ax = plt.subplots(figsize=(1.8 * len(conditions) + 2, 4))
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            for j, condition in enumerate(conditions):
+                r = init[(init["condition"] == condition) & (init["method"] == method)]
+                if r.empty:
+                    continue
+                r = r.iloc[0]
+                x = j + (i - (len(methods) - 1) / 2) * width
+                if r["refused"] == r["runs"]:
+                    ax.text(x, 1, "refused", rotation=90, ha="center", va="bottom", fontsize=7, color=f"C{i}")
+                    continue
+                value = 0 if math.isnan(r["acc_mean"]) else r["acc_mean"]
+                ax.bar(x, value, width, color=f"C{i}", label=method if j == 0 else None)
+                if r["diverged"]:
+                    ax.text(x, value + 1, f"{int(r['diverged'])} div.", ha="center", fontsize=7)
+        ax.set_xticks(range(len(conditions)), conditions)
+        ax.set(ylabel="test accuracy (%)", title=f"{title}: hard initial conditions")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        for ext in ("png", "pdf"):
+            path = out_dir / f"stability_init.{ext}"
+            fig.savefig(path, bbox_inches="tight", dpi=150, metadata={"CreationDate": None} if ext == "pdf" else None)
+            written.append(path)
+        plt.close(fig)
+    return written
+
+
+def report(profile: str, results_dir: Path = RESULTS_DIR, figures_dir: Path | None = None) -> dict[str, pd.DataFrame]:
+    """Every table of the module docstring for ``profile``; writes the CSVs and the figures."""
+    root = Path(results_dir) / profile
+    tables, widths, pairs = {}, [], []
+    for sweep in SWEEPS:
+        folder = root / sweep
+        if not (folder / SWEEP_FILE).is_file():
+            continue
+        runs = _runs(folder)
+        if runs.empty:
+            continue
+        table = lr_table(runs)
+        tables[sweep] = table
+        widths.append(stable_width(table).assign(sweep=sweep))
+        pairs.append(paired(runs).assign(sweep=sweep))
+    init = None
+    if (root / "stability_init" / SWEEP_FILE).is_file():
+        runs = _runs(root / "stability_init")
+        init = init_table(runs) if not runs.empty else None
+    if not tables and init is None:
+        raise FileNotFoundError(f"no stability sweep under {root}: run `make stability PROFILE={profile}` first")
+    out = {}
+    if tables:
+        out["lr"] = pd.concat([t.assign(sweep=s) for s, t in tables.items()], ignore_index=True)
+        out["width"] = pd.concat(widths, ignore_index=True)
+        out["paired"] = pd.concat(pairs, ignore_index=True)
+    if init is not None:
+        out["init"] = init
+    for name, table in out.items():
+        table.to_csv(root / f"stability_{name}.csv", index=False)
+    figures(tables, init, Path(figures_dir) if figures_dir else default_out(profile), profile)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.stability_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--results", default=str(RESULTS_DIR))
+    parser.add_argument("--figures", default=None, help="figure folder (default: figures/<profile>/)")
+    args = parser.parse_args(argv)
+    try:
+        out = report(args.profile, Path(args.results), args.figures)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with pd.option_context("display.width", 160):
+        if "width" in out:
+            print(out["width"].round(3).to_string(index=False))
+        if "init" in out:
+            print(out["init"].round(2).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

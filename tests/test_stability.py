@@ -1,0 +1,65 @@
+"""The stability study on the smoke profile: the learning-rate grid, zeroed rows, divergence, the report."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from experiments import grid, stability_report, sweep
+
+
+def test_the_learning_rate_grid_expands_every_method():
+    spec = grid.load_sweep("stability", grid.load_profile("default"))
+    lrs = sorted({v.tags["lr"] for v in spec.variants})
+    assert len(lrs) >= 7 and lrs[0] <= 1e-4 and lrs[-1] >= 0.3
+    assert {v.tags["family"] for v in spec.variants} == set(stability_report.FAMILIES)
+    assert len(spec.variants) == 5 * len(lrs) and spec.baseline == "dora, lr=0.001"
+    doran = next(v for v in spec.variants if v.label == "doran, static factors, lr=0.01")
+    assert doran.set == {"adapter.factors": "static", "train.lr": 0.01} and doran.tuned == "dora"
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stability")
+    common = ["--profile", "smoke", "--seeds", "0", "--no-tuned", "--no-progress", "--no-estimate",
+              "--results", str(root)]
+    status = sweep.main(["stability", *common, "--variants", "lora, lr=0.001", "lora, lr=0.3", "dora, lr=0.001",
+                         "dora, lr=0.3", "doran, lr=0.001", "doran, lr=0.3"])
+    assert status == 0
+    # DoRA refuses a layer with a zero row: recorded as an error (the sweep exits 1), the others run
+    assert sweep.main(["stability_init", *common, "--variants", "dora, zero rows", "doran, zero rows"]) == 1
+    out = stability_report.report("smoke", root, figures_dir=root / "figures")
+    return root, out
+
+
+def test_the_report_counts_divergence_and_does_not_average_diverged_runs(smoke_study):
+    root, out = smoke_study
+    table = out["lr"]
+    assert set(table["method"]) == {"lora", "dora", "doran"} and set(table["lr"]) == {1e-3, 0.3}
+    for _, r in table.iterrows():
+        assert r["runs"] == 1 and r["diverged"] in (0, 1)
+        assert math.isnan(r["acc_mean"]) == bool(r["diverged"])  # a diverged run is counted, not averaged
+    assert (root / "smoke" / "stability_lr.csv").is_file() and (root / "figures" / "stability_lr.png").is_file()
+    width = out["width"].set_index("method")
+    assert (width["width_decades"] >= 0).all() and set(width.index) == {"lora", "dora", "doran"}
+
+
+def test_zeroed_rows_are_refused_by_dora_and_trained_by_doran(smoke_study):
+    root, out = smoke_study
+    init = out["init"].set_index("method")
+    assert init.loc["dora", "refused"] == 1 and init.loc["doran", "refused"] == 0
+    runs = pd.read_csv(root / "smoke" / "stability_init" / "runs.csv")
+    doran = runs[runs["variant"] == "doran, zero rows"].iloc[0]
+    assert doran["status"] in ("completed", "diverged") and not math.isnan(doran["test_acc"])
+    assert (root / "figures" / "stability_init.png").is_file()
+
+
+def test_stable_width_counts_consecutive_good_grid_points():
+    table = pd.DataFrame({"method": ["m"] * 5, "lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+                          "acc_mean": [70.0, 79.5, 80.0, 79.2, 60.0], "diverged": [0, 0, 0, 0, 1],
+                          "errors": [0] * 5})
+    r = stability_report.stable_width(table).iloc[0]
+    assert r["stable_points"] == 3 and r["lr_low"] == 3e-4 and r["lr_high"] == 3e-3
+    assert r["width_decades"] == pytest.approx(3 * 0.5, abs=0.03)
