@@ -29,7 +29,8 @@ from typing import Any
 import pandas as pd
 
 from experiments.collect import collect_sweep, t_interval
-from experiments.constants import FIGURES_DIR, RESULTS_DIR, SWEEP_FILE
+from experiments.constants import RESULTS_DIR, SWEEP_FILE
+from experiments.plots import default_out
 
 POOLED = "pooled"
 
@@ -114,7 +115,7 @@ def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir
     from experiments.plots import set_theme
 
     set_theme()
-    out_dir = Path(out_dir) if out_dir is not None else FIGURES_DIR / profile
+    out_dir = Path(out_dir) if out_dir is not None else default_out(profile)
     out_dir.mkdir(parents=True, exist_ok=True)
     fractions = sorted(table["fraction"].unique())
     variants = list(dict.fromkeys(table["variant"]))
