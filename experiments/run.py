@@ -112,6 +112,16 @@ def zero_rows(model, cfg: RunConfig, fraction: float, seed: int = 0) -> int:
     return count
 
 
+def compiled_as(module, requested: str) -> str:
+    """How the run's model ran: the compile mode, or ``none (compile failed: ...)`` where the compiler gave up
+    on the first call and the model ran eager (``doran.fast.compiling.CompiledModel``)."""
+    if not module._runner:
+        return requested
+    runner = module._runner[0]
+    fallback = getattr(runner.model, "fallback", None)
+    return f"none (compile failed: {fallback})" if fallback else runner.mode
+
+
 def compile_mode(cfg: RunConfig, steps: int) -> str:
     """The run's compile mode: ``runtime.compile``, except that ``auto`` runs a run of fewer than
     ``runtime.compile_min_steps`` optimizer steps eager (its compilation would cost more than it saves)."""
@@ -320,7 +330,7 @@ def run(
         "epoch_train_cpu_s": history.epochs["train_cpu_s"],
         "peak_memory": results.peak_memory(),
         "device": {**results.device_info(), "precision": precision,
-                   "compile": module._runner[0].mode if module._runner else rt.compile},
+                   "compile": compiled_as(module, rt.compile)},
         "env": results.environment(),
         "artifacts": artifacts,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

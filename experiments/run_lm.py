@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.cli import cli, interruptible
+from experiments.run import compiled_as
 from experiments.config import LMRunConfig, load
 
 
@@ -232,7 +233,7 @@ def run(cfg: LMRunConfig, verbose: bool = True) -> dict[str, Any]:
             "precision": precision,
             "devices": t.devices,
             "strategy": t.strategy,
-            "compile": module._runner[0].mode if module._runner else rt.compile,
+            "compile": compiled_as(module, rt.compile),
         },
         "env": results.environment(),
         "artifacts": artifacts,

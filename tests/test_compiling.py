@@ -294,3 +294,43 @@ def test_fused_adamw_steps_as_torchs_fused_adamw_bit_for_bit():
     # idle tensor's first gradient)
     for got, expect in zip(ours, train(torch.optim.AdamW, fused=True)):
         assert torch.equal(got, expect)
+
+
+def test_a_gradient_scalers_found_inf_is_left_to_the_scaler():
+    """A gradient scaler sets ``found_inf`` before ``step`` and deletes it after: the step must leave it."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = FusedAdamW([p], lr=0.1)
+    for found, moves in ((0.0, True), (1.0, False)):
+        p.grad = torch.ones(3)
+        before = p.detach().clone()
+        opt.found_inf = torch.tensor(found)
+        opt.step()
+        assert hasattr(opt, "found_inf")  # the scaler deletes it, not the optimizer
+        del opt.found_inf
+        assert (not torch.equal(p.detach(), before)) == moves
+    p.grad = torch.full((3,), float("nan"))
+    before = p.detach().clone()
+    opt.skip_if = torch.tensor(1.0)  # the guard's flag: the step is dropped, and no attribute is left
+    opt.step()
+    assert torch.equal(p.detach(), before) and not hasattr(opt, "found_inf") and opt.skip_if is None
+
+
+def test_a_compiler_that_fails_on_the_first_call_falls_back_to_eager_loudly(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    cfg = doran.AdapterConfig.preset("doran", r=2, alpha=4, targets=("0",), factors="static")
+    doran.inject(model, cfg)
+
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise AssertionError("Can't unpack scalar tensors")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    run = doran.compile_model(model, "default")
+    x = torch.randn(5, 4)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed on the first call .*running eager"):
+        out = run(x)
+    assert torch.equal(out, model(x)) and run.compiled_ok is False
+    assert run.fallback == "AssertionError: Can't unpack scalar tensors"
+    assert torch.equal(run(x), model(x))  # later calls run eager, without a warning

@@ -24,6 +24,7 @@ mode: torch's fused AdamW without its per-tensor host work, which the compiled s
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -79,9 +80,25 @@ class CompiledModel(nn.Module):
         super().__init__()
         self.model = model
         object.__setattr__(self, "compiled", torch.compile(WholeCall(model), **compile_kwargs))
+        self.compiled_ok: bool | None = None  # None until the first call: True once a compiled call returned
+        self.fallback: str | None = None  # why the model runs eager after all, if it does
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         sync_stats(self.model)
+        if self.compiled_ok is None:
+            try:
+                out = self.compiled(*args, **kwargs)
+            except Exception as err:  # tracing failed (a torch version's compiler cannot handle a construct)
+                # Nothing ran yet: the same call eager gives the same values. Say so loudly, never silently.
+                self.fallback = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                warnings.warn(f"torch.compile failed on the first call ({self.fallback}); running eager",
+                              RuntimeWarning, stacklevel=2)
+                object.__setattr__(self, "compiled", self.model)
+                torch._dynamo.reset()
+                self.compiled_ok = False
+                return self.model(*args, **kwargs)
+            self.compiled_ok = True
+            return out
         return self.compiled(*args, **kwargs)
 
 

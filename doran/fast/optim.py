@@ -96,12 +96,16 @@ class FusedAdamW(torch.optim.AdamW):
                 loss = closure()
         skip, self.skip_if = self.skip_if, None
         if not self._lean_step(skip):
-            if skip is not None:
-                self.found_inf = skip  # torch's own fused step reads it (as a gradient scaler sets it)
+            # torch's own fused step reads found_inf: a gradient scaler sets (and later deletes) its own; the
+            # guard's flag is set here only where no scaler's is, and removed again after the step
+            ours = skip is not None and getattr(self, "found_inf", None) is None
+            if ours:
+                self.found_inf = skip
             try:
                 super().step()
             finally:
-                self.__dict__.pop("found_inf", None)
+                if ours:
+                    del self.found_inf
             self._build_lists()
         return loss
 
