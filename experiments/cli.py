@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from doran.errors import ConfigError
+from doran.errors import DoranError
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -110,7 +110,7 @@ def cli(
             print(yaml.safe_dump({"run_id": identify(cfg), **cfg.to_dict()}, sort_keys=False))
             return 0
         result = run(cfg)
-    except (ConfigError, *errors) as err:
+    except (DoranError, *errors) as err:  # every input error of the library: config, data, model, adapter
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RunInterrupted as err:

@@ -1,7 +1,7 @@
-"""Result files -> CSV tables, paired statistics and the README's results table. Trains nothing.
+"""Result files -> CSV tables, paired statistics and the results table (docs/results.md). Trains nothing.
 
     python -m experiments.collect --profile default                  # every sweep folder of the profile
-    python -m experiments.collect --profile default --readme README.md   # also replace the README's table
+    python -m experiments.collect --profile default --readme docs/results.md   # also replace the table there
 
 For each sweep folder ``<results>/<profile>/<sweep>/`` (``sweep.json`` names the grid; runs of an older grid
 left in the folder are ignored unless ``--all``) it writes, next to the result files:
@@ -19,7 +19,7 @@ left in the folder are ignored unless ``--all``) it writes, next to the result f
 - ``reach.csv``     (sample-efficiency sweep) the fraction of training data each method needs to reach the
                     baseline's full-data accuracy, interpolated log-linearly between measured fractions;
 
-and ``<results>/<profile>/results_table.md`` (the README's results section; ``--readme`` pastes it between
+and ``<results>/<profile>/results_table.md`` (the results section of docs/results.md; ``--readme`` pastes it between
 the markers ``<!-- results-table:start -->`` and ``<!-- results-table:end -->``).
 """
 
@@ -502,7 +502,7 @@ TITLES = {
 
 
 def results_markdown(tables: dict[str, dict[str, Any]], profile: str) -> str:
-    """The README's results section from the collected tables of each sweep."""
+    """The results section (docs/results.md) from the collected tables of each sweep."""
     parts = [
         f"Profile `{profile}`. Test accuracy in % (mean ± standard deviation over seeds, n finished runs); "
         "Δ: paired difference with the baseline, seed by seed (same training subset, head initialisation "
@@ -533,7 +533,7 @@ def results_markdown(tables: dict[str, dict[str, Any]], profile: str) -> str:
 def replace_between_markers(text: str, block: str) -> str:
     """``text`` with everything between the results-table markers replaced by ``block``."""
     if START not in text or END not in text:
-        raise ValueError(f"the README has no markers {START} ... {END}; paste them where the table goes")
+        raise ValueError(f"no markers {START} ... {END} in the file; paste them where the table goes")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{block.strip()}\n{END}{tail}"
@@ -592,7 +592,7 @@ def collect(
     include_all: bool = False,
     readme: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Collect every sweep folder of ``profile``; write ``results_table.md`` (and the README's table)."""
+    """Collect every sweep folder of ``profile``; write ``results_table.md`` (and the table of the file given as ``readme``)."""
     root = Path(results_dir) / profile
     folders = (
         [root / s for s in sweeps]

@@ -51,6 +51,7 @@ class Profile:
     tasks: list[str] = field(default_factory=list)  # a multi-task profile: the tasks a target runs by default
     task_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # per task: dotted run-config keys
     family: str = ""  # the profile file's name (a task's view keeps it: sweep files' profiles.<family> sections)
+    tuned_from: str | None = None  # take tuned hyper-parameters from this profile's files instead of its own
 
     def for_task(self, task: str) -> Profile:
         """This profile on one of its tasks: named ``<profile>/<task>``, so that its results, tuned files and
@@ -61,7 +62,8 @@ class Profile:
         run = _deep_merge(self.run, {"data": {"task": task}})
         run = _deep_merge(run, unflatten(self.task_settings.get(task, {})))
         return Profile(name=f"{self.name}/{task}", path=self.path, config=self.config, run=run, seeds=self.seeds,
-                       tune=self.tune, description=f"{self.description}: {task}", family=self.family or self.name)
+                       tune=self.tune, description=f"{self.description}: {task}", family=self.family or self.name,
+                       tuned_from=f"{self.tuned_from}/{task}" if self.tuned_from else None)
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +130,8 @@ def load_profile(name: str | Path) -> Profile:
     """
     path = _find("profile", name, PROFILE_DIR)
     data = _read_yaml(path)
-    _check_keys(data, ("description", "config", "run", "seeds", "tune", "tasks", "task_settings"), str(path))
+    _check_keys(data, ("description", "config", "run", "seeds", "tune", "tasks", "task_settings", "tuned_from"),
+                str(path))
     config = data.get("config")
     if config is not None:
         config = Path(config) if Path(config).is_absolute() else REPO / config
@@ -144,7 +147,8 @@ def load_profile(name: str | Path) -> Profile:
         raise SweepError(f"{path}: task_settings for tasks not in `tasks`: {unknown}; tasks: {tasks}")
     return Profile(name=path.stem, path=path, config=config, run=data.get("run") or {}, seeds=list(seeds),
                    tune=data.get("tune") or {}, description=str(data.get("description", "")), tasks=tasks,
-                   task_settings={k: dict(v) for k, v in settings.items()}, family=path.stem)
+                   task_settings={k: dict(v) for k, v in settings.items()}, family=path.stem,
+                   tuned_from=data.get("tuned_from"))
 
 
 def profiles_for(profile: Profile, tasks: Sequence[str] | None) -> list[Profile]:
@@ -385,7 +389,7 @@ def build_grid(
         for fraction in fractions:
             for v in chosen:
                 tuned, tuned_file = (({}, None) if tuned_dir is None or v.tuned is None
-                                     else load_tuned(profile.name, v.tuned, tuned_dir))
+                                     else load_tuned(profile.tuned_from or profile.name, v.tuned, tuned_dir))
                 coords = {"method": v.method, "seed": seed, "fraction": fraction, "out": str(out)}
                 cfg = point_config(profile, tuned, v.set, coords, extra=extra)
                 points.append(Point(

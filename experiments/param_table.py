@@ -1,4 +1,4 @@
-"""Trainable parameters of every preset, computed from shapes by the real core: a Markdown table (README).
+"""Trainable parameters of every preset, computed from shapes by the real core: a Markdown table (docs/method.md).
 
 Two settings: ViT-B/16 with q and v adapted at r=8 (12 blocks, d=768, one fused ``attn.qkv`` of shape
 (2304, 768) per block, 12 heads) and LLaMA-7B with ``q_proj`` and ``v_proj`` adapted at r=16 (32 layers,

@@ -1,5 +1,5 @@
 """Bad input is refused before any long work starts, with a message that names the problem and the fix, and
-interrupted work loses nothing: one test per behaviour of docs/errors.md."""
+interrupted work loses nothing: one test per behaviour of docs/data.md (what bad input does)."""
 
 from __future__ import annotations
 
@@ -336,3 +336,8 @@ def test_make_figures_regenerates_every_committed_figure_from_saved_results(tmp_
 def test_make_smoke_shows_learning_for_every_method(tmp_path, method):
     result = run_mod.run(run_mod.load_config(SMOKE, [f"method={method}", f"out={tmp_path}"]), verbose=False)
     assert result["metrics"]["test/acc"] > result["metrics"]["test/majority_acc"] + 0.05, result["metrics"]
+
+
+def test_an_unknown_adapter_target_exits_2_with_the_nearest_names(tmp_path, capsys):
+    err = _exit2(_tiny(tmp_path, "adapter.targets=[qury]", "train.max_steps=1"), capsys, r"no nn.Linear matches")
+    assert "query" in err

@@ -255,7 +255,7 @@ def test_matches_peft(use_dora):
 
 
 def test_large_tau_tends_to_scaled_lora_not_lora():
-    """For tau >> ||V||, W' -> (m / tau) V: a rescaled LoRA, not LoRA itself (a reviewer's point)."""
+    """For tau >> ||V||, W' -> (m / tau) V: a rescaled LoRA, not LoRA itself."""
     torch.manual_seed(0)
     model = Wrap()
     doran.inject(model, doran.AdapterConfig.preset("doran", r=2, targets=("proj",), factors="static",

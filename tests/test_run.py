@@ -405,7 +405,7 @@ def test_git_state_counts_code_changes_but_not_result_files(tmp_path, monkeypatc
 
 
 def test_stated_commit_wins_over_a_stale_history(tmp_path, monkeypatch):
-    """On a copied tree (the lent GPU machine) the history may be stale: the stated commit is recorded."""
+    """On a copied tree (a machine without the repository's history) the history may be stale: the stated commit is recorded."""
     from doran.results import git_state
 
     monkeypatch.setenv("DORAN_GIT_COMMIT", "abc123")

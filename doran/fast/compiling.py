@@ -4,7 +4,7 @@
 
 ``"auto"`` (default)   ``"reduce-overhead"`` on a CUDA device, ``"none"`` elsewhere and under a sharding
                        strategy (FSDP). On a GPU the eager step is bound by the host launching kernels one at
-                       a time (docs/benchmarks.md); compiled, DoRAN's small ops are fused (doran/fast/fused.py's
+                       a time (docs/performance.md); compiled, DoRAN's small ops are fused (doran/fast/fused.py's
                        autograd nodes and the adapter bank are traced, as one graph: ``compile_model``) and
                        CUDA graphs replay forward and backward in one launch each.
 ``"none"``             eager, the fused path and the adapter bank.

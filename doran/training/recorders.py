@@ -64,7 +64,7 @@ class TauRecorder(_Columns):
     """Records tau of every adapted projection: columns step, layer, projection, module, tau, tau_abs.
 
     ``tau`` is relative to the row norm (the parameterised quantity), ``tau_abs`` in weight units
-    (REFERENCE.md: record both). Recorded at the start, every ``every_n_steps`` optimizer steps and at
+    (both are recorded: a relative tau says how large it is against the row norm). Recorded at the start, every ``every_n_steps`` optimizer steps and at
     the end of training. Methods with tau = 0 (LoRA, DoRA) record nothing.
     """
 
