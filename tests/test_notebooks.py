@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from experiments import sweep
