@@ -135,6 +135,7 @@ class RuntimeConfig:
     compile_min_steps: int = 0  # compile: auto runs shorter runs eager (compilation would not pay for itself)
     ckpt_every_n_steps: int | None = None  # also checkpoint every this many steps
     ckpt_min_interval_s: float = 60.0  # checkpoint at an epoch end once this long has passed since the last (0: every)
+    deterministic: bool = False  # deterministic GPU kernels (slower; the same seed then gives the same numbers)
     keep_checkpoints: bool = False  # keep <run>/checkpoints/ after the run finished
     force: bool = False  # re-run even if the result file exists
 

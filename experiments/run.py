@@ -248,6 +248,7 @@ def run(
             "enable_progress_bar": progress,
             "enable_model_summary": progress,
             "num_sanity_val_steps": 0,
+            "deterministic": rt.deterministic or None,  # Lightning's default (None) leaves torch's settings
             # the checkpoint callback last: it saves the other callbacks' state of the same epoch
             "callbacks": [*callbacks, *[c for k, c in cbs.items() if k != "checkpoint"], cbs["checkpoint"]],
             **(trainer_kwargs or {}),
@@ -330,7 +331,7 @@ def run(
         "epoch_train_cpu_s": history.epochs["train_cpu_s"],
         "peak_memory": results.peak_memory(),
         "device": {**results.device_info(), "precision": precision,
-                   "compile": compiled_as(module, rt.compile)},
+                   "compile": compiled_as(module, rt.compile), "deterministic": rt.deterministic},
         "env": results.environment(),
         "artifacts": artifacts,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -414,3 +414,11 @@ def test_stated_commit_wins_over_a_stale_history(tmp_path, monkeypatch):
     assert state == {"commit": "abc123", "dirty": False, "stated_by": "DORAN_GIT_COMMIT"}
     monkeypatch.setenv("DORAN_GIT_DIRTY", "1")
     assert git_state()["dirty"] is True
+
+
+def test_the_deterministic_mode_is_recorded_and_repeats_exactly(tmp_path):
+    a = run(load_config(None, tiny_text(tmp_path, "runtime.deterministic=true")), verbose=False)
+    b = run(load_config(None, tiny_text(tmp_path, "runtime.deterministic=true", "runtime.force=true")), verbose=False)
+    assert a["device"]["deterministic"] is True and a["run_id"] == b["run_id"]  # runtime: not the identity
+    assert a["metrics"]["test/loss"] == b["metrics"]["test/loss"]
+    assert a["curves"]["steps"]["train_loss"] == b["curves"]["steps"]["train_loss"]

@@ -191,6 +191,8 @@ class GradNormRecorder(_Columns):
         self.stride = 1
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._groups: list[str] = []
+        self._member_key: tuple | None = None
+        self._member: torch.Tensor | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         total = int(trainer.estimated_stepping_batches)
@@ -203,12 +205,16 @@ class GradNormRecorder(_Columns):
         if not leaves:
             return
         groups = sorted({g for _, g in leaves})
-        if groups != self._groups:
+        key = (tuple(g for _, g in leaves), leaves[0][0].device)
+        if groups != self._groups or key != self._member_key:
             self._flush()
-            self._groups = groups
+            self._groups, self._member_key = groups, key
+            # group sums as a product with a 0/1 membership matrix (G, N): deterministic on every device
+            # (index_add_ is not on a GPU); built once per run
+            self._member = torch.tensor([[float(g == group) for _, g in leaves] for group in groups],
+                                        device=leaves[0][0].device)
         norms = torch._foreach_norm([g.detach().float() for g, _ in leaves])
-        index = torch.tensor([groups.index(g) for _, g in leaves], device=norms[0].device)
-        squares = torch.zeros(len(groups), device=norms[0].device).index_add_(0, index, torch.stack(norms) ** 2)
+        squares = self._member @ (torch.stack(norms) ** 2)
         self._pending.append((int(trainer.global_step), squares))
         if len(self._pending) >= self.flush_every:
             self._flush()
