@@ -221,6 +221,17 @@ class AdapterConfig:
         return self.alpha / self.r
 
 
+#: how each preset is written in prose, tables and figures.
+METHOD_NAMES: dict[str, str] = {
+    "lora": "LoRA",
+    "dora": "DoRA",
+    "doran": "DoRAN",
+    "replora": "RepLoRA",
+    "hora": "HoRA",
+    "prediag": "Pre-Diag",
+    "sora": "SORA",
+}
+
 # Presets: each is a point of the design space above. Fields not named keep the dataclass default.
 PRESETS: dict[str, dict[str, Any]] = {
     "lora": dict(magnitude=False, tau_mode="zero", factors="static"),

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.grid import Point, SweepError
-from experiments.runner import Outcome, find_finished, record_error, run_point, state
+from experiments.runner import Outcome, record_error, run_point, state, unfinished
 
 try:  # the local backend needs no submitit; `--backend submitit` says how to install it
     from submitit.helpers import Checkpointable
@@ -382,30 +382,6 @@ def _collect(t: _Tracked) -> str:
     return new_state
 
 
-def _unfinished(points: Sequence[Point], results_dir: Path, retry_failed: bool, reuse: bool,
-                out: Outcome) -> list[Point]:
-    """The points to run, as ``runner.run_points`` chooses them: finished runs skipped, identical finished runs
-    of other sweeps copied, diverged runs re-run only with ``retry_failed``."""
-    from doran.results import atomic_write_json
-
-    todo = []
-    for p in points:
-        s = state(p)
-        if s == "diverged" and retry_failed:
-            p.result_path.unlink()
-            s = "todo"
-        if s in ("done", "diverged"):
-            out.skipped += 1
-            continue
-        if reuse and (found := find_finished(p, results_dir)) is not None:
-            atomic_write_json(p.result_path, json.loads(found.read_text()))
-            p.error_path.unlink(missing_ok=True)
-            out.reused += 1
-            continue
-        todo.append(p)
-    return todo
-
-
 def run_on_cluster(
     points: Sequence[Point],
     opts: ClusterOptions,
@@ -419,7 +395,7 @@ def run_on_cluster(
     from experiments.progress import Progress
 
     out = ClusterOutcome(total=len(points))
-    todo = _unfinished(points, results_dir, retry_failed, reuse, out)
+    todo = unfinished(points, results_dir, retry_failed, reuse, out)
     if not todo:
         return out
     folder = Path(opts.logs) if opts.logs is not None else todo[0].out / "logs" / "submitit"

@@ -35,20 +35,13 @@ import pandas as pd
 import seaborn as sns
 
 from experiments.collect import t_interval
+from doran.config import METHOD_NAMES
 from experiments.constants import FIGURES_DIR, METHOD_ORDER, RESULTS_DIR, method_order
 
 #: one colour per method, fixed across figures (colour-blind safe).
 _COLORS = sns.color_palette("colorblind", 10)
 METHOD_COLORS = {m: _COLORS[i] for i, m in enumerate(METHOD_ORDER)}
-METHOD_LABELS = {
-    "lora": "LoRA",
-    "dora": "DoRA",
-    "doran": "DoRAN",
-    "replora": "RepLoRA",
-    "hora": "HoRA",
-    "prediag": "Pre-Diag",
-    "sora": "SORA",
-}
+METHOD_LABELS = METHOD_NAMES
 FACTOR_COLORS = {"static": _COLORS[0], "generated": _COLORS[2]}
 SHARING_ORDER = ("static", "none", "qv_first", "qv_full", "global")
 TAU_ORDER = ("0", "0.001", "0.01", "0.1", "1", "learned")

@@ -235,6 +235,30 @@ def _tail(path: Path, n: int = 3000) -> str:
         return ""
 
 
+def unfinished(points: Sequence[Point], results_dir: Path, retry_failed: bool, reuse: bool,
+               out: Outcome) -> list[Point]:
+    """The points still to run, counted into ``out``: finished runs skipped, identical finished runs of other
+    sweeps copied (``reuse``), diverged runs re-run only with ``retry_failed``."""
+    from doran.results import atomic_write_json, read_json
+
+    todo = []
+    for p in points:
+        s = state(p)
+        if s == "diverged" and retry_failed:
+            p.result_path.unlink()
+            s = "todo"
+        if s in ("done", "diverged"):
+            out.skipped += 1
+            continue
+        if reuse and (found := find_finished(p, results_dir)) is not None:
+            atomic_write_json(p.result_path, read_json(found))
+            p.error_path.unlink(missing_ok=True)
+            out.reused += 1
+            continue
+        todo.append(p)
+    return todo
+
+
 def run_points(
     points: Sequence[Point],
     *,
@@ -255,23 +279,7 @@ def run_points(
     an error and is replaced. No new run starts after ``time_limit`` seconds.
     """
     out = Outcome(total=len(points))
-    todo = []
-    for p in points:
-        s = state(p)
-        if s == "diverged" and retry_failed:
-            p.result_path.unlink()
-            s = "todo"
-        if s in ("done", "diverged"):
-            out.skipped += 1
-            continue
-        if reuse and (found := find_finished(p, results_dir)) is not None:
-            from doran.results import atomic_write_json, read_json
-
-            atomic_write_json(p.result_path, read_json(found))
-            p.error_path.unlink(missing_ok=True)
-            out.reused += 1
-            continue
-        todo.append(p)
+    todo = unfinished(points, results_dir, retry_failed, reuse, out)
     if not todo:
         return out
     bar = Progress(

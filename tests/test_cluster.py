@@ -108,6 +108,16 @@ def test_jobs_write_the_local_results_record_failures_and_are_not_submitted_twic
     manifest = json.loads((folder / "sweep.json").read_text())
     assert sorted(e["run_id"] for e in manifest["entries"].values()) == sorted(cluster)
 
+    # 4. another sweep with the same run: its (compressed) result is copied, no job is submitted
+    other = tmp_path / "cluster_copy.yaml"
+    other.write_text(spec_text := Path(spec).read_text().replace("cluster_check", "cluster_copy"))
+    other.write_text(spec_text.split("  - {label: own_tokenizer")[0])
+    assert sweep.main([str(other), *SMOKE, "--results", str(tmp_path / "cluster"), *CLUSTER]) == 0
+    printed = capsys.readouterr().out
+    assert "submitted" not in printed and "1 reused from other sweeps" in printed
+    copied = _results(tmp_path / "cluster" / "smoke" / "cluster_copy")
+    assert len(copied) == 1 and copied == {k: v for k, v in cluster.items() if k in copied}
+
 
 def test_a_killed_job_is_recorded_as_an_error(tmp_path, capsys):
     spec = str(_sweep_file(tmp_path))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import doran
+from doran.config import METHOD_NAMES
 from doran.errors import ExportError
 
 PEFT_PREFIX = "base_model.model."
@@ -23,15 +24,6 @@ PEFT_WEIGHTS_BIN = "adapter_model.bin"
 EXPORT_FORMAT = "doran-peft-export/1"  # safetensors metadata of a folder written by export_peft
 MERGED_NOTE = "doran_export.json"  # what a merged folder holds (method, config), for people reading it
 
-METHOD_NAMES = {
-    "lora": "LoRA",
-    "dora": "DoRA",
-    "doran": "DoRAN",
-    "replora": "RepLoRA",
-    "hora": "HoRA",
-    "prediag": "Pre-Diag",
-    "sora": "SORA",
-}
 # init_lora_weights values that only choose the initial A, B (safe to import); PiSSA, OLoRA, LoftQ, CorDA,
 # LoRA-GA ... may also rewrite the base weights, which a plain base model does not have.
 _PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
