@@ -212,12 +212,16 @@ def validate_result(result: dict[str, Any], source: str = "result") -> None:
 
 
 def config_hash(config: dict[str, Any], length: int = 8, data: str | None = None) -> str:
-    """Short sha256 of the config's canonical JSON, without the keys that do not change the computation.
+    """Short sha256 of the config's canonical JSON, without the keys that do not change the computation
+    (``out``, ``runtime``; ``runtime.deterministic=true`` counts, since other kernels give other numbers).
 
     ``data``: the fingerprint of the data the run reads (``doran.data.Splits.fingerprint``, or a hash of
     the data files), so that the same config on edited data is another run.
     """
     identity = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    if (config.get("runtime") or {}).get("deterministic"):
+        # deterministic kernels compute other numbers: another run (ids of runs without it are unchanged)
+        identity = {**identity, "__deterministic__": True}
     if data is not None:
         identity = {**identity, "__data_sha256__": data}
     text = json.dumps(_jsonable(identity), sort_keys=True, separators=(",", ":"))

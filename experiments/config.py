@@ -126,7 +126,7 @@ class DiagnosticsConfig:
 
 @dataclass
 class RuntimeConfig:
-    """How a run executes; never part of its identity (``run_id``)."""
+    """How a run executes; not part of its identity (``run_id``), except ``deterministic=True``."""
 
     progress_bar: bool | str = "auto"  # auto: on when stderr is a terminal
     num_workers: int = 0  # DataLoader workers

@@ -164,6 +164,12 @@ def test_run_id_follows_the_computation_not_the_runtime():
     )
     c = results.make_run_id(load_config(None, ["method=lora", "seed=1", "fraction=0.1", "train.lr=5e-4"]).to_dict())
     assert a == b != c and a.startswith("lora-s1-f0.1-")
+    # deterministic kernels give other numbers: another run; off, the id is the one without the key
+    base = ["method=lora", "seed=1", "fraction=0.1"]
+    det = results.make_run_id(load_config(None, [*base, "runtime.deterministic=true"]).to_dict())
+    off = results.make_run_id(load_config(None, [*base, "runtime.deterministic=false"]).to_dict())
+    assert det != a == off
+    assert a == results.make_run_id({k: v for k, v in load_config(None, base).to_dict().items() if k != "runtime"})
 
 
 def test_bad_input_exits_2_before_any_model_is_loaded(tmp_path, monkeypatch, capsys):
