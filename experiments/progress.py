@@ -49,10 +49,19 @@ class Progress:
         self.bar.close()
 
 
-def measure_step(cfg, steps: int = 3) -> float:
+def measure_step(cfg, steps: int = 3, threads: int | None = None) -> float:
     """Seconds per optimizer step of ``cfg``'s model on this machine: the real model, adapters and batch,
-    timed over ``steps`` steps after one warm-up step (eager; data and model loading not counted)."""
+    timed over ``steps`` steps after one warm-up step (eager; data and model loading not counted), with
+    ``threads`` torch threads if given (a run's own count: one thread steps slower than two)."""
     import torch
+
+    if threads:
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            return measure_step(cfg, steps)
+        finally:
+            torch.set_num_threads(before)
 
     import doran
     from experiments.config import replace
@@ -77,15 +86,16 @@ def measure_step(cfg, steps: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def estimate(points: Sequence[Any], jobs: int) -> str | None:
+def estimate(points: Sequence[Any], jobs: int, threads: int | None = None) -> str | None:
     """A line with the grid's estimated time on this CPU (a measured step times the grid's cost), said
-    before a long CPU sweep starts; None on a GPU (the per-profile budgets in the docs apply there)."""
+    before a long CPU sweep starts; None on a GPU (the per-profile budgets in the docs apply there). The step
+    is measured with the torch threads each run will have (``threads``, else the run's ``runtime.threads``)."""
     import torch
 
     if not points or torch.cuda.is_available():
         return None
     first = max(points, key=lambda p: p.cost)
-    seconds = measure_step(first.cfg)
+    seconds = measure_step(first.cfg, threads=threads or first.cfg.runtime.threads)
     total = sum(p.cost for p in points) * seconds / max(1, min(jobs, os.cpu_count() or 1))
     line = (
         f"[sweep] estimate: {len(points)} runs to do, about {_duration(total)} on this CPU ({seconds:.2f} s per "

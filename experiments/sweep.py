@@ -31,7 +31,7 @@ from experiments.cluster import add_cluster_arguments, cluster_options, run_on_c
 from experiments.constants import REPO, RESULTS_DIR, SWEEPS, TUNED_DIR
 from experiments.grid import SweepError, build_grid, load_profile, load_sweep, profiles_for
 from experiments.progress import estimate
-from experiments.runner import run_points, state, write_manifest
+from experiments.runner import find_finished, run_points, state, write_manifest
 
 __all__ = ["SweepError", "build_parser", "main", "sweep_main"]
 
@@ -129,8 +129,10 @@ def sweep_main(args: argparse.Namespace) -> int:
                 print(f"[sweep]   error: {points[0].out / (run_id + '.error.json')}", file=sys.stderr)
             continue
         todo = [p for p in points if state(p) in ("todo", "error")]
+        if not args.no_reuse:  # runs another sweep finished are copied, not run
+            todo = [p for p in todo if find_finished(p, results_dir) is None]
         if todo and not args.no_estimate:
-            line = estimate(todo, args.jobs)
+            line = estimate(todo, args.jobs, args.threads)
             if line:
                 print(line, flush=True)
         remaining = (

@@ -316,8 +316,34 @@ def test_a_cpu_sweep_says_its_estimated_time_before_it_starts(monkeypatch):
     line = progress.estimate(points, jobs=1)
     assert line.startswith("[sweep] estimate: 1 runs to do, about ") and "s per optimizer step of lora" in line
     assert "warning" not in line
-    monkeypatch.setattr(progress, "measure_step", lambda cfg, steps=3: 100.0)  # a slow CPU: over an hour
-    assert "[sweep] warning: that is long for a CPU" in progress.estimate(points, jobs=1)
+    seen = []
+    monkeypatch.setattr(progress, "measure_step", lambda cfg, steps=3, threads=None: seen.append(threads) or 100.0)
+    assert "[sweep] warning: that is long for a CPU" in progress.estimate(points, jobs=1)  # slow: over an hour
+    # the step is measured with the threads each run will have: the sweep's --threads, else the run's own
+    progress.estimate(points, jobs=2, threads=1)
+    progress.estimate([replace_threads(p, 3) for p in points], jobs=2)
+    assert seen[1:] == [1, 3]
+
+
+def replace_threads(point, n):
+    import dataclasses
+
+    from experiments.config import replace
+
+    return dataclasses.replace(point, cfg=replace(point.cfg, **{"runtime.threads": n}))
+
+
+def test_the_estimate_leaves_out_runs_another_sweep_finished(tmp_path, monkeypatch):
+    from experiments import sweep
+
+    counted = []
+    monkeypatch.setattr(sweep, "estimate", lambda todo, jobs, threads=None: counted.append(len(todo)) or None)
+    common = ["--profile", "smoke", "--seeds", "0", "--fractions", "0.02", "--no-tuned", "--no-progress",
+              "--results", str(tmp_path)]
+    assert sweep.main(["ablation_tau", "--variants", "static, tau=0, detached", *common]) == 0  # = DoRA
+    # sample_efficiency's dora run is copied from the tau ablation: only lora is left to estimate
+    assert sweep.main(["sample_efficiency", "--variants", "lora", "dora", *common]) == 0
+    assert counted == [1, 1]
 
 
 def test_make_figures_regenerates_every_committed_figure_from_saved_results(tmp_path):
