@@ -17,7 +17,7 @@ install:  ## create .venv with the pinned requirements (offline-capable: PyPI on
 	$(VENV)/bin/python -m doran.assets.archives fetch
 	$(VENV)/bin/python -m doran.assets.dinov2 ensure
 
-test:  ## the default test suite (CPU, a few minutes)
+test:  ## the default test suite (CPU: about 9 minutes on 2 cores)
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-slow:  ## the slow tests
