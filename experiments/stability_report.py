@@ -6,8 +6,9 @@ It reads the sweep folders ``stability`` (the learning-rate grid), ``stability_p
 float16 mixed precision, where run) and ``stability_init`` (hard initial conditions) of a profile (or of one
 task of a multi-task profile: ``--profile suite/trec6``), and writes next to them:
 
-- ``stability_lr.csv``: per sweep, method and learning rate: runs, diverged runs (a non-finite loss or gradient,
-  or the majority class at the end), runs refused before training, the mean test accuracy of the runs that
+- ``stability_lr.csv``: per sweep, method and learning rate: finished runs, diverged runs (a non-finite loss or
+  gradient, or the majority class at the end) and how many of them non-finite, runs refused before training,
+  runs not run yet, the mean test accuracy of the runs that
   did not diverge with its 95% t-interval, the divergence rate, and gradient-norm percentiles;
 - ``stability_width.csv``: per sweep and method, the width of its stable learning-rate range in decades: the
   longest run of consecutive grid points where no seed diverged and the mean accuracy is within 1 point of the
@@ -56,10 +57,13 @@ def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
         ok = g[(g["status"] == "completed") & ~g["diverged"]]
         mean, low, high = t_interval((100 * ok["test_acc"].astype(float)).tolist())
         norms = g["grad_norm_median"].dropna().astype(float)
+        finished = g[g["status"].isin(["completed", "diverged"])]  # not: refused, raised, not run yet
         rows.append({
-            "method": family, "lr": float(lr), "runs": len(g), "diverged": int(g["diverged"].sum()),
+            "method": family, "lr": float(lr), "runs": len(finished), "diverged": int(finished["diverged"].sum()),
+            "nonfinite": int(finished["nonfinite"].fillna(False).astype(bool).sum()) if "nonfinite" in finished else 0,
             "refused": int(g["refused"].sum()), "errors": int((g["status"] == "error").sum() - g["refused"].sum()),
-            "divergence_rate": float(g["diverged"].mean()) if len(g) else math.nan,
+            "not_run": int((g["status"] == "missing").sum()),
+            "divergence_rate": float(finished["diverged"].mean()) if len(finished) else math.nan,
             "acc_mean": mean, "acc_ci_low": low, "acc_ci_high": high,
             "grad_norm_p50": float(norms.median()) if len(norms) else None,
             "grad_norm_p95": float(g["grad_norm_p95"].dropna().astype(float).median()) if len(norms) else None,
@@ -78,7 +82,8 @@ def stable_width(table: pd.DataFrame, tolerance: float = TOLERANCE_POINTS) -> pd
         lrs = g["lr"].to_numpy()
         step = float(np.median(np.diff(np.log10(lrs)))) if len(lrs) > 1 else 0.0
         best = g["acc_mean"].max()
-        good = ((g["diverged"] == 0) & (g["errors"] == 0) & (g["acc_mean"] >= best - tolerance)).to_numpy()
+        ran = (g["runs"] > 0) & (g["errors"] == 0) & (g.get("not_run", 0) == 0)  # every seed finished
+        good = (ran & (g["diverged"] == 0) & (g["acc_mean"] >= best - tolerance)).to_numpy()
         longest = current = 0
         first = last = None
         for i, ok in enumerate(good):
@@ -110,6 +115,7 @@ def init_table(runs: pd.DataFrame) -> pd.DataFrame:
     for (condition, family), g in runs.groupby(["tag_condition", "tag_family"], sort=False):
         ok = g[(g["status"] == "completed") & ~g["diverged"]]
         mean, low, high = t_interval((100 * ok["test_acc"].astype(float)).tolist())
+        g = g[g["status"] != "missing"]  # not run yet
         rows.append({"condition": condition, "method": family, "runs": len(g), "diverged": int(g["diverged"].sum()),
                      "refused": int(g["refused"].sum()), "acc_mean": mean, "acc_ci_low": low, "acc_ci_high": high})
     return pd.DataFrame(rows)
@@ -138,10 +144,13 @@ def figures(tables: dict[str, pd.DataFrame], init: pd.DataFrame | None, out_dir:
                 for _, r in bad.iterrows():
                     top.annotate(f"{int(r['diverged'])}x", (r["lr"], 0), xycoords=("data", "axes fraction"),
                                  color=f"C{i}", ha="center", va="bottom", fontsize=7)
-                bottom.plot(g["lr"], 100 * g["divergence_rate"], marker="s", color=f"C{i}", label=method)
+                # methods side by side around each learning rate, so that equal rates stay visible
+                shift = 10 ** (0.03 * (i - (len(FAMILIES) - 1) / 2))
+                bottom.plot(g["lr"] * shift, 100 * g["divergence_rate"], marker="s", color=f"C{i}", label=method)
             top.set(xscale="log", ylabel="test accuracy (%), runs that did not diverge",
                     title=f"{sweep}: accuracy (counts: diverged runs, not averaged)")
-            bottom.set(xscale="log", xlabel="learning rate", ylabel="diverged runs (%)", ylim=(-5, 105))
+            bottom.set(xscale="log", xlabel="learning rate",
+                       ylabel="diverged runs (%): non-finite or\nat the majority class", ylim=(-5, 105))
             top.legend(fontsize=7)
         fig.suptitle(title)
         fig.tight_layout()

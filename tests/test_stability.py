@@ -59,7 +59,24 @@ def test_zeroed_rows_are_refused_by_dora_and_trained_by_doran(smoke_study):
 def test_stable_width_counts_consecutive_good_grid_points():
     table = pd.DataFrame({"method": ["m"] * 5, "lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
                           "acc_mean": [70.0, 79.5, 80.0, 79.2, 60.0], "diverged": [0, 0, 0, 0, 1],
-                          "errors": [0] * 5})
+                          "errors": [0] * 5, "runs": [3] * 5, "not_run": [0] * 5})
     r = stability_report.stable_width(table).iloc[0]
     assert r["stable_points"] == 3 and r["lr_low"] == 3e-4 and r["lr_high"] == 3e-3
     assert r["width_decades"] == pytest.approx(3 * 0.5, abs=0.03)
+    # a grid point whose seeds have not all run is no evidence of stability: it breaks the range
+    partial = table.assign(not_run=[0, 0, 1, 0, 0], runs=[3, 3, 2, 3, 3])
+    r = stability_report.stable_width(partial).iloc[0]
+    assert r["stable_points"] == 1
+
+
+def test_lr_table_counts_finished_runs_only(tmp_path):
+    runs = pd.DataFrame({
+        "tag_family": ["dora"] * 4, "tag_lr": ["0.1"] * 4, "seed": [0, 1, 2, 3],
+        "status": ["completed", "diverged", "missing", "completed"], "diverged": [False, True, False, True],
+        "nonfinite": [False, True, None, False], "refused": [False] * 4, "test_acc": [0.8, None, None, 0.58],
+        "grad_norm_median": [1.0, 2.0, None, 1.5], "grad_norm_p95": [2.0, 9.0, None, 3.0],
+        "grad_spike_ratio": [3.0, 40.0, None, 4.0], "loss_spikes": [0, 2, None, 0],
+    })
+    r = stability_report.lr_table(runs).iloc[0]
+    assert (r["runs"], r["diverged"], r["nonfinite"], r["not_run"]) == (3, 2, 1, 1)
+    assert r["divergence_rate"] == pytest.approx(2 / 3) and r["acc_mean"] == pytest.approx(80.0)
