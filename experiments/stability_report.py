@@ -138,17 +138,17 @@ def figures(tables: dict[str, pd.DataFrame], init: pd.DataFrame | None, out_dir:
             top, bottom = axes[0][col], axes[1][col]
             for i, method in enumerate(m for m in FAMILIES if m in set(table["method"])):
                 g = table[table["method"] == method].sort_values("lr")
-                top.errorbar(g["lr"], g["acc_mean"], yerr=[g["acc_mean"] - g["acc_ci_low"], g["acc_ci_high"] - g["acc_mean"]],
+                # methods side by side around each learning rate, so that equal values stay visible
+                x = g["lr"] * 10 ** (0.03 * (i - (len(FAMILIES) - 1) / 2))
+                top.errorbar(x, g["acc_mean"], yerr=[g["acc_mean"] - g["acc_ci_low"], g["acc_ci_high"] - g["acc_mean"]],
                              marker="o", capsize=3, color=f"C{i}", label=method)
-                bad = g[g["diverged"] > 0]
-                for _, r in bad.iterrows():
-                    top.annotate(f"{int(r['diverged'])}x", (r["lr"], 0), xycoords=("data", "axes fraction"),
+                for _, r in g[g["diverged"] > 0].iterrows():  # one row of counts per method
+                    top.annotate(f"{int(r['diverged'])}x", (r["lr"], 0.01 + 0.05 * i), xycoords=("data", "axes fraction"),
                                  color=f"C{i}", ha="center", va="bottom", fontsize=7)
-                # methods side by side around each learning rate, so that equal rates stay visible
-                shift = 10 ** (0.03 * (i - (len(FAMILIES) - 1) / 2))
-                bottom.plot(g["lr"] * shift, 100 * g["divergence_rate"], marker="s", color=f"C{i}", label=method)
+                bottom.plot(x, 100 * g["divergence_rate"], marker="s", color=f"C{i}", label=method)
             top.set(xscale="log", ylabel="test accuracy (%), runs that did not diverge",
                     title=f"{sweep}: accuracy (counts: diverged runs, not averaged)")
+            top.set_ylim(bottom=top.get_ylim()[0] - 0.3 * (top.get_ylim()[1] - top.get_ylim()[0]))  # room for counts
             bottom.set(xscale="log", xlabel="learning rate",
                        ylabel="diverged runs (%): non-finite or\nat the majority class", ylim=(-5, 105))
             top.legend(fontsize=7)
