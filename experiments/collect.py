@@ -14,7 +14,7 @@ left in the folder are ignored unless ``--all``) it writes, next to the result f
 - ``paired.csv``    per (fraction, variant): the seed-by-seed difference with the sweep's baseline variant
                     (same subset, head initialisation and batch order: checked through the subset hash), its
                     mean and 95% t-interval, a paired t-test p-value and the number of seeds where it wins;
-- ``tau.csv``       tau per step, layer and projection (relative and absolute units) of every run with tau;
+- ``tau.csv.gz``    tau per step, layer and projection (relative and absolute units) of every run with tau;
 - ``grad_norm.csv.gz`` adapter gradient norm per step and parameter group (gzip; pandas reads it as is);
 - ``reach.csv``     (sample-efficiency sweep) the fraction of training data each method needs to reach the
                     baseline's full-data accuracy, interpolated log-linearly between measured fractions;
@@ -564,15 +564,15 @@ def collect_sweep(folder: str | Path, include_all: bool = False) -> dict[str, An
     runs.to_csv(folder / "runs.csv", index=False)
     summary.to_csv(folder / "summary.csv", index=False)
     paired.to_csv(folder / "paired.csv", index=False)
-    # the per-step traces are the bulk: 6 significant digits, and the gradient norms gzip-compressed
+    # the per-step traces are the bulk: 6 significant digits, gzip-compressed
     for name, frame in (("tau", tau), ("grad_norm", grad), ("reach", reach)):
-        path = folder / (f"{name}.csv.gz" if name == "grad_norm" else f"{name}.csv")
+        path = folder / (f"{name}.csv.gz" if name in ("tau", "grad_norm") else f"{name}.csv")
         if not frame.empty:  # gzip without a timestamp: the same results give the same bytes
             compression = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
             frame.to_csv(path, index=False, float_format="%.6g", compression=compression)
         elif path.exists():
             path.unlink()
-        stale = folder / f"{name}.csv"  # an uncompressed grad_norm.csv of an earlier version
+        stale = folder / f"{name}.csv"  # an uncompressed tau.csv or grad_norm.csv of an earlier version
         if stale != path and stale.exists():
             stale.unlink()
     return {

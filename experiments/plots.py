@@ -13,7 +13,7 @@ figure                              CSV
 sample_efficiency_accuracy          sample_efficiency/runs.csv
 sample_efficiency_paired            sample_efficiency/runs.csv
 ablation_tau_accuracy               ablation_tau/runs.csv
-ablation_tau_trajectories           ablation_tau/tau.csv
+ablation_tau_trajectories           ablation_tau/tau.csv.gz
 ablation_tau_grad_norm              ablation_tau/grad_norm.csv.gz
 ablation_hypernet                   ablation_hypernet/runs.csv
 ==================================  =====================================
@@ -464,7 +464,7 @@ FIGURES: dict[str, tuple[Callable[[Path, Path], list[Path]], str, str]] = {
     "sample_efficiency_accuracy": (fig_sample_efficiency, "sample_efficiency", "runs.csv"),
     "sample_efficiency_paired": (fig_sample_efficiency_paired, "sample_efficiency", "runs.csv"),
     "ablation_tau_accuracy": (fig_ablation_tau, "ablation_tau", "runs.csv"),
-    "ablation_tau_trajectories": (fig_tau_trajectories, "ablation_tau", "tau.csv"),
+    "ablation_tau_trajectories": (fig_tau_trajectories, "ablation_tau", "tau.csv.gz"),
     "ablation_tau_grad_norm": (fig_grad_norm, "ablation_tau", "grad_norm.csv.gz"),
     "ablation_hypernet": (fig_hypernet, "ablation_hypernet", "runs.csv"),
 }
