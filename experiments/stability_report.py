@@ -127,7 +127,7 @@ def figures(tables: dict[str, pd.DataFrame], init: pd.DataFrame | None, out_dir:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from experiments.plots import set_theme
+    from experiments.plots import save, set_theme
 
     set_theme()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,12 +153,7 @@ def figures(tables: dict[str, pd.DataFrame], init: pd.DataFrame | None, out_dir:
                        ylabel="diverged runs (%): non-finite or\nat the majority class", ylim=(-5, 105))
             top.legend(fontsize=7)
         fig.suptitle(title)
-        fig.tight_layout()
-        for ext in ("png", "pdf"):
-            path = out_dir / f"stability_lr.{ext}"
-            fig.savefig(path, bbox_inches="tight", dpi=150, metadata={"CreationDate": None} if ext == "pdf" else None)
-            written.append(path)
-        plt.close(fig)
+        written += save(fig, out_dir, "stability_lr")
     if init is not None and not init.empty:
         conditions = list(dict.fromkeys(init["condition"]))
         methods = [m for m in FAMILIES if m in set(init["method"])]
@@ -181,12 +176,7 @@ def figures(tables: dict[str, pd.DataFrame], init: pd.DataFrame | None, out_dir:
         ax.set_xticks(range(len(conditions)), conditions)
         ax.set(ylabel="test accuracy (%)", title=f"{title}: hard initial conditions")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        for ext in ("png", "pdf"):
-            path = out_dir / f"stability_init.{ext}"
-            fig.savefig(path, bbox_inches="tight", dpi=150, metadata={"CreationDate": None} if ext == "pdf" else None)
-            written.append(path)
-        plt.close(fig)
+        written += save(fig, out_dir, "stability_init")
     return written
 
 
