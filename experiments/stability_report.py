@@ -1,6 +1,7 @@
 """Does DoRAN stabilise DoRA? The stability study's tables and figures from its saved results. Trains nothing.
 
     python -m experiments.stability_report --profile default        # make stability runs it after the sweeps
+    python -m experiments.stability_report --across default suite/trec6 vision/elpv_type   # the verdict over tasks
 
 It reads the sweep folders ``stability`` (the learning-rate grid), ``stability_precision`` (the same grid in
 float16 mixed precision, where run) and ``stability_init`` (hard initial conditions) of a profile (or of one
@@ -15,6 +16,9 @@ task of a multi-task profile: ``--profile suite/trec6``), and writes next to the
   method's best, each grid point counting for one grid step (half a decade on the default grid);
 - ``stability_paired.csv``: DoRAN - DoRA per learning rate, seed by seed where both finished;
 - ``stability_init.csv``: per condition and method: runs, diverged, refused, mean accuracy;
+- ``stability_verdict.csv``: per sweep, the three criteria for "DoRAN is more stable than DoRA" fixed before
+  the runs (docs/stability.md), each true or false, and the verdict: ``supported``, ``contradicted`` (DoRA
+  strictly more stable: criteria 1 and 2 reversed) or ``not supported``;
 
 and the figures ``figures/<profile>/stability_lr.{png,pdf}`` (accuracy against the learning rate, diverged runs
 marked and counted, not averaged; the divergence rate) and ``stability_init.{png,pdf}``.
@@ -110,6 +114,53 @@ def paired(runs: pd.DataFrame, a: str = "doran", b: str = "dora") -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def verdict(table: pd.DataFrame, width: pd.DataFrame, a: str = "doran", b: str = "dora",
+            tolerance: float = TOLERANCE_POINTS) -> dict[str, object]:
+    """The criteria for "``a`` is more stable than ``b``" (docs/stability.md), from one sweep's tables.
+
+    1. ``a``'s stable range is wider than ``b``'s by at least one grid step;
+    2. at no learning rate does ``a`` diverge in more seeds than ``b``;
+    3. where ``b`` diverges in at least one seed and ``a`` in none, ``a``'s mean accuracy is within
+       ``tolerance`` points of its best (it did not survive by not learning).
+
+    ``supported`` when all three hold; ``contradicted`` when 1 and 2 hold with the methods swapped; otherwise
+    ``not supported``. A grid point where either method has runs not finished yet makes the verdict
+    ``incomplete``.
+    """
+    ta = table[table["method"] == a].set_index("lr")
+    tb = table[table["method"] == b].set_index("lr")
+    wa = width[width["method"] == a].iloc[0]
+    wb = width[width["method"] == b].iloc[0]
+    lrs = sorted(set(ta.index) & set(tb.index))
+    out: dict[str, object] = {"a": a, "b": b, "grid_points": len(lrs),
+                              "a_stable_points": int(wa["stable_points"]), "b_stable_points": int(wb["stable_points"]),
+                              "a_width_decades": float(wa["width_decades"]), "b_width_decades": float(wb["width_decades"])}
+    if not lrs or any(ta.loc[lr, "not_run"] or tb.loc[lr, "not_run"] for lr in lrs):
+        return {**out, "c1_wider": None, "c2_never_more_divergent": None, "c3_learned_where_b_failed": None,
+                "verdict": "incomplete"}
+    c1 = wa["stable_points"] >= wb["stable_points"] + 1
+    c2 = all(ta.loc[lr, "diverged"] <= tb.loc[lr, "diverged"] for lr in lrs)
+    rescued = [lr for lr in lrs if tb.loc[lr, "diverged"] >= 1 and ta.loc[lr, "diverged"] == 0]
+    best = table.loc[table["method"] == a, "acc_mean"].max()
+    c3 = all(ta.loc[lr, "acc_mean"] >= best - tolerance for lr in rescued)
+    reverse = wb["stable_points"] >= wa["stable_points"] + 1 and all(
+        tb.loc[lr, "diverged"] <= ta.loc[lr, "diverged"] for lr in lrs)
+    result = "supported" if (c1 and c2 and c3) else "contradicted" if reverse else "not supported"
+    return {**out, "c1_wider": bool(c1), "c2_never_more_divergent": bool(c2), "c3_learned_where_b_failed": bool(c3),
+            "rescued_lrs": " ".join(f"{lr:g}" for lr in rescued), "verdict": result}
+
+
+def across(verdicts: dict[str, str]) -> str:
+    """Across tasks (per task: ``supported`` / ``contradicted`` / ``not supported`` / ``incomplete``):
+    supported if it holds on at least two of three tasks (two thirds of them) and is contradicted on none."""
+    if not verdicts or any(v == "incomplete" for v in verdicts.values()):
+        return "incomplete"
+    held = sum(v == "supported" for v in verdicts.values())
+    if any(v == "contradicted" for v in verdicts.values()):
+        return "not supported (contradicted on " + ", ".join(k for k, v in verdicts.items() if v == "contradicted") + ")"
+    return "supported" if 3 * held >= 2 * len(verdicts) else "not supported"
+
+
 def init_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (condition, family), g in runs.groupby(["tag_condition", "tag_family"], sort=False):
@@ -183,7 +234,7 @@ def figures(tables: dict[str, pd.DataFrame], init: pd.DataFrame | None, out_dir:
 def report(profile: str, results_dir: Path = RESULTS_DIR, figures_dir: Path | None = None) -> dict[str, pd.DataFrame]:
     """Every table of the module docstring for ``profile``; writes the CSVs and the figures."""
     root = Path(results_dir) / profile
-    tables, widths, pairs = {}, [], []
+    tables, widths, pairs, verdicts = {}, [], [], []
     for sweep in SWEEPS:
         folder = root / sweep
         if not (folder / SWEEP_FILE).is_file():
@@ -193,7 +244,10 @@ def report(profile: str, results_dir: Path = RESULTS_DIR, figures_dir: Path | No
             continue
         table = lr_table(runs)
         tables[sweep] = table
-        widths.append(stable_width(table).assign(sweep=sweep))
+        width = stable_width(table)
+        widths.append(width.assign(sweep=sweep))
+        if {"doran", "dora"} <= set(table["method"]):
+            verdicts.append({"sweep": sweep, **verdict(table, width)})
         pairs.append(paired(runs).assign(sweep=sweep))
     init = None
     if (root / "stability_init" / SWEEP_FILE).is_file():
@@ -206,6 +260,8 @@ def report(profile: str, results_dir: Path = RESULTS_DIR, figures_dir: Path | No
         out["lr"] = pd.concat([t.assign(sweep=s) for s, t in tables.items()], ignore_index=True)
         out["width"] = pd.concat(widths, ignore_index=True)
         out["paired"] = pd.concat(pairs, ignore_index=True)
+        if verdicts:
+            out["verdict"] = pd.DataFrame(verdicts)
     if init is not None:
         out["init"] = init
     for name, table in out.items():
@@ -214,12 +270,35 @@ def report(profile: str, results_dir: Path = RESULTS_DIR, figures_dir: Path | No
     return out
 
 
+def _print_across(profiles: list[str], results_dir: Path) -> int:
+    rows = []
+    for profile in profiles:
+        path = results_dir / profile / "stability_verdict.csv"
+        if not path.is_file():
+            print(f"error: no {path}: run `python -m experiments.stability_report --profile {profile}` first",
+                  file=sys.stderr)
+            return 2
+        rows.append(pd.read_csv(path).assign(task=profile))
+    table = pd.concat(rows, ignore_index=True)
+    with pd.option_context("display.width", 200):
+        print(table[["task", "sweep", "a_stable_points", "b_stable_points", "c1_wider", "c2_never_more_divergent",
+                     "c3_learned_where_b_failed", "verdict"]].to_string(index=False))
+    for sweep, g in table.groupby("sweep", sort=False):
+        print(f"{sweep}: DoRAN more stable than DoRA across {len(g)} task(s): "
+              f"{across(dict(zip(g['task'], g['verdict'])))}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.stability_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="default")
+    parser.add_argument("--across", nargs="+", metavar="PROFILE",
+                        help="print the verdict over these profiles/tasks from their stability_verdict.csv")
     parser.add_argument("--results", default=str(RESULTS_DIR))
     parser.add_argument("--figures", default=None, help="figure folder (default: figures/<profile>/)")
     args = parser.parse_args(argv)
+    if args.across:
+        return _print_across(args.across, Path(args.results))
     try:
         out = report(args.profile, Path(args.results), args.figures)
     except FileNotFoundError as err:
@@ -228,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     with pd.option_context("display.width", 160):
         if "width" in out:
             print(out["width"].round(3).to_string(index=False))
+        if "verdict" in out:
+            print(out["verdict"].round(3).to_string(index=False))
         if "init" in out:
             print(out["init"].round(2).to_string(index=False))
     return 0

@@ -80,3 +80,53 @@ def test_lr_table_counts_finished_runs_only(tmp_path):
     r = stability_report.lr_table(runs).iloc[0]
     assert (r["runs"], r["diverged"], r["nonfinite"], r["not_run"]) == (3, 2, 1, 1)
     assert r["divergence_rate"] == pytest.approx(2 / 3) and r["acc_mean"] == pytest.approx(80.0)
+
+
+def _grid(method, diverged, acc):
+    lrs = [1e-3, 3e-3, 1e-2, 3e-2]
+    return pd.DataFrame({"method": [method] * 4, "lr": lrs, "diverged": diverged, "acc_mean": acc,
+                         "errors": [0] * 4, "runs": [5] * 4, "not_run": [0] * 4})
+
+
+def _verdict(a, b):
+    table = pd.concat([a, b], ignore_index=True)
+    return stability_report.verdict(table, stability_report.stable_width(table))
+
+
+def test_verdict_applies_the_three_criteria_fixed_before_the_runs():
+    dora = _grid("dora", [0, 0, 5, 5], [80.0, 80.5, math.nan, math.nan])
+    # DoRAN: one grid point wider, never more divergent, and learning where DoRA failed -> supported
+    v = _verdict(_grid("doran", [0, 0, 0, 5], [80.0, 80.2, 79.8, math.nan]), dora)
+    assert (v["c1_wider"], v["c2_never_more_divergent"], v["c3_learned_where_b_failed"]) == (True, True, True)
+    assert v["verdict"] == "supported" and v["rescued_lrs"] == "0.01"
+    # survives 1e-2 without learning (more than 1 point below its best): criterion 3 fails; still wider (3 points
+    # count only where within 1 point, so the range is 2 points, as wide as DoRA's): criterion 1 fails too
+    v = _verdict(_grid("doran", [0, 0, 0, 5], [80.0, 80.2, 70.0, math.nan]), dora)
+    assert (v["c1_wider"], v["c3_learned_where_b_failed"], v["verdict"]) == (False, False, "not supported")
+    # wider range, but one seed more divergent at the lowest rate: criterion 2 fails
+    v = _verdict(_grid("doran", [1, 0, 0, 0], [80.0, 80.2, 80.1, 79.9]), dora)
+    assert (v["c1_wider"], v["c2_never_more_divergent"], v["verdict"]) == (True, False, "not supported")
+    # DoRA wider and never more divergent: contradicted
+    v = _verdict(_grid("doran", [0, 5, 5, 5], [80.0, math.nan, math.nan, math.nan]), dora)
+    assert v["verdict"] == "contradicted"
+    # a grid point not run yet: no verdict
+    unfinished = _grid("doran", [0, 0, 0, 5], [80.0, 80.2, 79.8, math.nan]).assign(not_run=[0, 0, 1, 0])
+    assert _verdict(unfinished, dora)["verdict"] == "incomplete"
+
+
+def test_the_verdict_across_tasks_needs_two_of_three_and_no_contradiction():
+    across = stability_report.across
+    assert across({"a": "supported", "b": "supported", "c": "not supported"}) == "supported"
+    assert across({"a": "supported", "b": "not supported", "c": "not supported"}) == "not supported"
+    assert across({"a": "supported", "b": "supported", "c": "contradicted"}).startswith("not supported (contradicted")
+    assert across({"a": "supported", "b": "incomplete", "c": "supported"}) == "incomplete"
+
+
+def test_the_smoke_report_writes_a_verdict(smoke_study, capsys):
+    root, out = smoke_study
+    v = out["verdict"].iloc[0]
+    assert v["sweep"] == "stability" and v["verdict"] in ("supported", "not supported", "contradicted")
+    assert (root / "smoke" / "stability_verdict.csv").is_file()
+    assert stability_report.main(["--results", str(root), "--across", "smoke"]) == 0
+    assert "across 1 task(s)" in capsys.readouterr().out
+    assert stability_report.main(["--results", str(root), "--across", "nothing"]) == 2
