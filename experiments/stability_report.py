@@ -199,7 +199,11 @@ def figures(tables: dict[str, pd.DataFrame], init: pd.DataFrame | None, out_dir:
                 bottom.plot(x, 100 * g["divergence_rate"], marker="s", color=f"C{i}", label=method)
             top.set(xscale="log", ylabel="test accuracy (%), runs that did not diverge",
                     title=f"{sweep}: accuracy (counts: diverged runs, not averaged)")
-            top.set_ylim(bottom=top.get_ylim()[0] - 0.3 * (top.get_ylim()[1] - top.get_ylim()[0]))  # room for counts
+            # limits from the means, not the intervals: with 2 or 3 surviving seeds a t-interval can span more
+            # than 0..100 and would flatten every curve; bars that leave the axes are cut at its edge
+            means = table["acc_mean"].dropna()
+            low, high = (max(0.0, means.min() - 5), min(100.0, means.max() + 3)) if len(means) else (0.0, 100.0)
+            top.set_ylim(low - 0.3 * (high - low), high)  # room for the counts below the curves
             bottom.set(xscale="log", xlabel="learning rate",
                        ylabel="diverged runs (%): non-finite or\nat the majority class", ylim=(-5, 105))
             top.legend(fontsize=7)
