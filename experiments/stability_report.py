@@ -227,10 +227,11 @@ def figures(tables: dict[str, pd.DataFrame], init: pd.DataFrame | None, out_dir:
                 value = 0 if math.isnan(r["acc_mean"]) else r["acc_mean"]
                 ax.bar(x, value, width, color=f"C{i}", label=method if j == 0 else None)
                 if r["diverged"]:
-                    ax.text(x, value + 1, f"{int(r['diverged'])} div.", ha="center", fontsize=7)
+                    ax.text(x, value + 1, f"{int(r['diverged'])}/{int(r['runs'])}\ndiv.", ha="center", fontsize=7)
         ax.set_xticks(range(len(conditions)), conditions)
-        ax.set(ylabel="test accuracy (%)", title=f"{title}: hard initial conditions")
-        ax.legend(fontsize=7)
+        ax.set(ylabel="test accuracy (%),\nruns that did not diverge", ylim=(0, 100),
+               title=f"{title}: hard initial conditions (diverged runs counted, not averaged)")
+        ax.legend(fontsize=7, ncol=len(methods), loc="upper center")
         written += save(fig, out_dir, "stability_init")
     return written
 
