@@ -67,6 +67,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def portable_paths(text: str) -> str:
+    """``text`` with this machine's folders written portably: the repository's own files relative to its root,
+    the Python installation's as ``<python>/...``, so that a committed error record names no machine."""
+    repo = str(Path(__file__).resolve().parents[1]) + os.sep
+    for prefix in sorted({sys.prefix, sys.base_prefix}, key=len, reverse=True):
+        text = text.replace(prefix + os.sep, "<python>" + os.sep)
+    return text.replace(repo, "")
+
+
 def record_error(
     point_cfg, run_id: str, err: BaseException | str, log: str | None = None
 ) -> Path:
@@ -82,7 +91,7 @@ def record_error(
             pass
     if isinstance(err, BaseException):
         kind, message = type(err).__name__, str(err)
-        tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        tb = portable_paths("".join(traceback.format_exception(type(err), err, err.__traceback__)))
     else:
         kind, message, tb = "WorkerError", err, None
     atomic_write_json(
@@ -92,7 +101,7 @@ def record_error(
             "error": kind,
             "message": message,
             "traceback": tb,
-            "log_tail": log,
+            "log_tail": portable_paths(log) if log else log,
             "attempts": attempts,
             "at": _now(),
             "host": os.uname().nodename,
