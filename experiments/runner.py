@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from experiments.constants import RESULTS_DIR, SWEEP_FILE
+from experiments.constants import REPO, RESULTS_DIR, SWEEP_FILE
 from experiments.grid import Point, Profile, SweepSpec
 from experiments.progress import Progress
 
@@ -70,7 +70,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 def portable_paths(text: str) -> str:
     """``text`` with this machine's folders written portably: the repository's own files relative to its root,
     the Python installation's as ``<python>/...``, so that a committed error record names no machine."""
-    repo = str(Path(__file__).resolve().parents[1]) + os.sep
+    repo = str(REPO) + os.sep
     for prefix in sorted({sys.prefix, sys.base_prefix}, key=len, reverse=True):
         text = text.replace(prefix + os.sep, "<python>" + os.sep)
     return text.replace(repo, "")
