@@ -334,3 +334,56 @@ def test_a_compiler_that_fails_on_the_first_call_falls_back_to_eager_loudly(monk
     assert torch.equal(out, model(x)) and run.compiled_ok is False
     assert run.fallback == "AssertionError: Can't unpack scalar tensors"
     assert torch.equal(run(x), model(x))  # later calls run eager, without a warning
+
+
+def test_a_compiler_that_fails_on_a_later_graph_falls_back_to_eager_loudly(monkeypatch):
+    """The first (training) call compiles; evaluation under no_grad needs a new graph, whose tracing fails (as
+    torch 2.11's dynamo did on a GPU): that call and every later one run eager, with the eager values."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    doran.inject(model, doran.AdapterConfig.preset("doran", r=2, alpha=4, targets=("0",), factors="static"))
+    calls = []
+
+    def fails_without_grad(fn, **kwargs):
+        def call(*args, **kw):
+            calls.append(torch.is_grad_enabled())
+            if not torch.is_grad_enabled():
+                raise AssertionError("Can't unpack scalar tensors.\n\nfrom user code: ...")
+            return fn(*args, **kw)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", fails_without_grad)
+    run = doran.compile_model(model, "default")
+    x = torch.randn(5, 4)
+    assert torch.equal(run(x), model(x)) and run.compiled_ok is True
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"failed on a later call \(a new graph\).*eager"):
+        out = run(x)
+    assert torch.equal(out, model(x)) and run.compiled_ok is False
+    assert run.fallback == "AssertionError: Can't unpack scalar tensors."
+    assert torch.equal(run(x), model(x)) and calls == [True, False]  # eager from then on: never compiled again
+    with pytest.raises(torch.OutOfMemoryError):  # an out-of-memory error is the call's own, not the compiler's
+        run.compiled_ok = True
+        object.__setattr__(run, "compiled", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+        run(x)
+
+
+def test_row_scales_without_grad_are_the_autograd_nodes_values():
+    """Under no_grad the row scale is the same forward as a plain function (no node, nothing saved)."""
+    from doran.fast.rowscale import row_scale, row_scales
+
+    torch.manual_seed(0)
+    A, B = torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    W = torch.randn(8, 6, dtype=torch.float64)
+    m, t = torch.rand(2, 4, dtype=torch.float64) + 0.5, torch.full((2, 1), 0.1, dtype=torch.float64)
+    w0_sq = W.square().sum(1).reshape(2, 4)
+    for fn, args in ((row_scales, (A, B, m, t, [W], [(0, 0), (0, 4)], w0_sq)),
+                     (row_scale, (A, B, m.reshape(-1), None, W, w0_sq.reshape(-1)))):
+        ref = fn(*args, 2.0, False)
+        with torch.no_grad():
+            got = fn(*args, 2.0, False)
+        assert got.grad_fn is None and ref.grad_fn is None  # no input requires grad here
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    V = W + 2.0 * torch.cat([B[0] @ A[0], B[1] @ A[1]])  # independent: the norm of the built matrix
+    expect = m.reshape(-1) / (V.norm(dim=1) + 0.1)
+    with torch.no_grad():
+        torch.testing.assert_close(row_scales(A, B, m, t, [W], [(0, 0), (0, 4)], w0_sq, 2.0, False).reshape(-1), expect)

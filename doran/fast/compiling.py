@@ -85,21 +85,27 @@ class CompiledModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         sync_stats(self.model)
-        if self.compiled_ok is None:
-            try:
-                out = self.compiled(*args, **kwargs)
-            except Exception as err:  # tracing failed (a torch version's compiler cannot handle a construct)
-                # Nothing ran yet: the same call eager gives the same values. Say so loudly, never silently.
-                self.fallback = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                warnings.warn(f"torch.compile failed on the first call ({self.fallback}); running eager",
-                              RuntimeWarning, stacklevel=2)
-                object.__setattr__(self, "compiled", self.model)
-                torch._dynamo.reset()
-                self.compiled_ok = False
-                return self.model(*args, **kwargs)
-            self.compiled_ok = True
-            return out
-        return self.compiled(*args, **kwargs)
+        if self.compiled_ok is False:
+            return self.model(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # tracing failed (a torch version's compiler cannot handle a construct)
+            # The first call, or a later one that needs a new graph (evaluation under no_grad, a new shape):
+            # tracing fails before the new graph runs, and the forward changes no state, so the same call
+            # eager gives the same values. Say so loudly, never silently; an error of the call itself comes
+            # back from the eager call.
+            first = "the first call" if self.compiled_ok is None else "a later call (a new graph)"
+            self.fallback = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            warnings.warn(f"torch.compile failed on {first} ({self.fallback}); running eager from now on",
+                          RuntimeWarning, stacklevel=2)
+            object.__setattr__(self, "compiled", self.model)
+            torch._dynamo.reset()
+            self.compiled_ok = False
+            return self.model(*args, **kwargs)
+        self.compiled_ok = True
+        return out
 
 
 def compile_model(model: nn.Module, mode: str = "auto") -> nn.Module:

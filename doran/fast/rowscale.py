@@ -14,6 +14,28 @@ from ..norm import SQRT_GUARD
 from .ops import _long_product, needs, no_autocast, w0_products
 
 
+def _forward(A, B, m, t, w0_sq, s: float, members, Ws):
+    """g and what the backward reuses: W0 A^T and B A A^T per slice (S, d, r), the row norms n and n + t."""
+    with no_autocast(A.device.type):
+        S = A.shape[0]
+        d = B.shape[1]
+        WAt = w0_products(Ws, members, d, A.transpose(1, 2), left=True)  # (S, d, r)
+        BAAt = B @ _long_product(A, A.transpose(1, 2))  # (S, d, r)
+        q = torch.add(w0_sq.reshape(S, d), (B * torch.add(WAt, BAAt, alpha=s / 2)).sum(-1), alpha=2.0 * s)
+        n = q.clamp_min(0).sqrt().reshape(m.shape)
+        den = n if t is None else n + t
+        return m / den, WAt, BAAt, n, den
+
+
+def _apply(A, B, m, t, w0_sq, s: float, detach: bool, members, Ws) -> torch.Tensor:
+    """The autograd node where gradients are recorded; without them (evaluation under ``no_grad``) the
+    forward alone, as a plain function: nothing is saved for a backward, and a compiler traces ordinary
+    tensor code (torch 2.11's dynamo fails to trace this Function's forward under ``no_grad``)."""
+    if not torch.is_grad_enabled():
+        return _forward(A, B, m, t, w0_sq, s, members, Ws)[0]
+    return _RowScale.apply(A, B, m, t, w0_sq, s, detach, members, *Ws)
+
+
 class _RowScale(torch.autograd.Function):
     """g from A (S, r, in), B (S, d, r), m and w0_sq (S, d) or (S*d,), t (broadcastable to m) or None and the
     frozen base weights ``Ws``: ``members[j]`` lists (slice s, first row) of the slices whose d rows belong to
@@ -28,15 +50,7 @@ class _RowScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, B, m, t, w0_sq, s: float, detach: bool, members, *Ws):
-        with no_autocast(A.device.type):
-            S = A.shape[0]
-            d = B.shape[1]
-            WAt = w0_products(Ws, members, d, A.transpose(1, 2), left=True)  # (S, d, r)
-            BAAt = B @ _long_product(A, A.transpose(1, 2))  # (S, d, r)
-            q = torch.add(w0_sq.reshape(S, d), (B * torch.add(WAt, BAAt, alpha=s / 2)).sum(-1), alpha=2.0 * s)
-            n = q.clamp_min(0).sqrt().reshape(m.shape)
-            den = n if t is None else n + t
-            g = m / den
+        g, WAt, BAAt, n, den = _forward(A, B, m, t, w0_sq, s, members, Ws)
         ctx.s, ctx.detach, ctx.members, ctx.n_w = s, detach, members, len(Ws)
         ctx.t_shape = None if t is None else t.shape
         ctx.save_for_backward(A, B, WAt, BAAt, n, den, g, *Ws)
@@ -73,7 +87,7 @@ def row_scale(A, B, m, t, W, w0_sq, s: float, detach: bool) -> torch.Tensor:
         A, B = A.unsqueeze(0), B.unsqueeze(0)
     d = B.shape[1]
     members = (tuple((i, i * d) for i in range(A.shape[0])),)  # per head: row blocks of the one W
-    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), members, W.detach())
+    return _apply(A, B, m, t, w0_sq, float(s), bool(detach), members, (W.detach(),))
 
 
 def row_scales(A, B, m, t, weights, layout, w0_sq, s: float, detach: bool) -> torch.Tensor:
@@ -83,5 +97,5 @@ def row_scales(A, B, m, t, weights, layout, w0_sq, s: float, detach: bool) -> to
     members: list[list[tuple[int, int]]] = [[] for _ in weights]
     for i, (w, row) in enumerate(layout):
         members[w].append((i, row))
-    return _RowScale.apply(A, B, m, t, w0_sq, float(s), bool(detach), tuple(map(tuple, members)),
-                           *(W.detach() for W in weights))
+    return _apply(A, B, m, t, w0_sq, float(s), bool(detach), tuple(map(tuple, members)),
+                  tuple(W.detach() for W in weights))
