@@ -151,13 +151,19 @@ def stability(result: dict[str, Any]) -> dict[str, Any]:
     """What a run says about its stability (docs/stability.md): ``diverged`` (a non-finite loss or gradient
     stopped it, or it ended at the majority class), ``loss_spikes`` (recorded training losses above
     ``SPIKE_FACTOR`` times the median of the records before them, after the first five) and
-    ``grad_spike_ratio`` (the largest total adapter-gradient norm over its median)."""
+    ``grad_spike_ratio`` (the largest total adapter-gradient norm over its median; None for a float16 run
+    recorded in loss-scaled units, before the recorder divided the scale out)."""
     m = result.get("metrics", {})
     acc, majority = m.get("test/acc"), m.get("test/majority_acc")
     at_majority = acc is not None and majority is not None and acc <= majority + MAJORITY_MARGIN
     losses = [v for v in ((result.get("curves") or {}).get("steps") or {}).get("train_loss", []) if v is not None]
     spikes = sum(1 for i in range(5, len(losses)) if losses[i] > SPIKE_FACTOR * float(np.median(losses[:i])))
-    norms = [v for v in (result.get("grad_norm") or {}).get("total", []) if v is not None]
+    grad = result.get("grad_norm") or {}
+    # float16 runs written before the recorder divided out the loss scale (no `loss_scale` column) hold norms
+    # multiplied by a scale that halved at every overflow: no gradient norm, no spike ratio can be read off them
+    precision = ((result.get("config") or {}).get("train") or {}).get("precision")
+    scaled = precision == "16-mixed" and "loss_scale" not in grad
+    norms = [] if scaled else [v for v in grad.get("total", []) if v is not None]
     median = float(np.median(norms)) if norms else 0.0
     return {
         "diverged": result.get("status") != "completed" or at_majority,

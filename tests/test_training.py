@@ -362,6 +362,40 @@ def test_gradient_norms_equal_a_direct_computation(tokenizer):
             assert rec.columns[group][i] == pytest.approx(value, rel=1e-5)
 
 
+def test_gradient_norms_under_a_loss_scale_are_in_the_losss_units():
+    """float16 mixed precision with an optimizer that unscales inside its step (fused AdamW on a GPU): at
+    on_before_optimizer_step the gradients still carry the loss scale; the recorder divides it out and records
+    it. Once unscaled (Lightning's own unscale_ before the hook), nothing is divided twice."""
+    from types import SimpleNamespace
+
+    import doran
+
+    module = _module("doran")
+    params = [p for p, _, _ in doran.adapter_leaves(module.model) if p.requires_grad]
+    torch.manual_seed(0)
+    true = [torch.randn_like(p) for p in params]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # the scale tensor exists once a loss was scaled
+    optimizer = torch.optim.AdamW(params)
+    trainer = SimpleNamespace(global_step=0, precision_plugin=SimpleNamespace(scaler=scaler))
+    rec = GradNormRecorder()
+    for p, g in zip(params, true):
+        p.grad = g * 1024.0
+    rec.on_before_optimizer_step(trainer, module, optimizer)
+    scaler.unscale_(optimizer)  # now the gradients are the true ones, and the scaler knows it
+    trainer.global_step = 1
+    rec.on_before_optimizer_step(trainer, module, optimizer)
+    rec._flush()
+    expect = math.sqrt(sum(g.double().square().sum().item() for g in true))
+    assert rec.columns["total"] == pytest.approx([expect, expect], rel=1e-5)
+    assert rec.columns["loss_scale"] == [1024.0, None]
+    plain = GradNormRecorder()  # no scaler (float32, bf16): no column
+    plain.on_before_optimizer_step(SimpleNamespace(global_step=0, precision_plugin=SimpleNamespace()), module,
+                                   optimizer)
+    plain._flush()
+    assert "loss_scale" not in plain.columns and plain.columns["total"] == pytest.approx([expect], rel=1e-5)
+
+
 @pytest.mark.parametrize("epochs, most, validated", [(6, 2, {2, 5}), (38, 8, {4, 9, 13, 18, 23, 27, 32, 37}),
                                                      (3, 0, {0, 1, 2}), (3, 5, {0, 1, 2})])
 def test_validation_schedule_spaces_validations_and_keeps_the_last(tokenizer, epochs, most, validated):

@@ -175,7 +175,10 @@ def _leaves(pl_module: AdapterModule) -> list[tuple[torch.Tensor, str]]:
 class GradNormRecorder(_Columns):
     """L2 norm of the gradient of each parameter group (factors, generator, magnitude, tau, other) per step.
 
-    Measured in ``on_before_optimizer_step``: after backward and AMP unscaling, before clipping. Records every
+    Measured in ``on_before_optimizer_step``, after backward and before clipping, in the units of the loss: under
+    float16 mixed precision, where an optimizer that unscales inside its own step (a fused AdamW) leaves the
+    gradients multiplied by the loss scale at this point, the norms are divided by that scale, recorded in a
+    column ``loss_scale`` (the scale of that step; absent without a gradient scaler). Records every
     step while the run has at most ``max_records`` steps, else every ``ceil(steps / max_records)`` steps.
     Columns: step and one column per group present, and ``total`` (a non-finite norm is kept as None).
 
@@ -193,6 +196,7 @@ class GradNormRecorder(_Columns):
         self._groups: list[str] = []
         self._member_key: tuple | None = None
         self._member: torch.Tensor | None = None
+        self._pending_scaled = False  # the pending rows end with the loss scale
 
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         total = int(trainer.estimated_stepping_batches)
@@ -215,6 +219,13 @@ class GradNormRecorder(_Columns):
                                         device=leaves[0][0].device)
         norms = torch._foreach_norm([g.detach().float() for g, _ in leaves])
         squares = self._member @ (torch.stack(norms) ** 2)
+        scale = _loss_scale(trainer, optimizer)
+        if self._pending and (scale is not None) != self._pending_scaled:
+            self._flush()  # rows of one transfer have one length
+        self._pending_scaled = scale is not None
+        if scale is not None:  # the gradients still carry the loss scale: divide it out, keep it (one transfer)
+            scale = scale.reshape(1).to(squares)
+            squares = torch.cat([squares / scale**2, scale])
         self._pending.append((int(trainer.global_step), squares))
         if len(self._pending) >= self.flush_every:
             self._flush()
@@ -232,7 +243,9 @@ class GradNormRecorder(_Columns):
         rows = torch.stack([v for _, v in self._pending]).double().tolist()  # one transfer
         self._pending = []
         for step, values in zip(steps, rows):
+            extra = {"loss_scale": values.pop()} if len(values) > len(self._groups) else {}
             row = {g: math.sqrt(v) if math.isfinite(v) else None for g, v in zip(self._groups, values)}
+            row.update(extra)
             total = sum(values)
             self._add(step=step, **row, total=math.sqrt(total) if math.isfinite(total) else None)
 
@@ -251,6 +264,21 @@ class GradNormRecorder(_Columns):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.stride = state.get("stride", 1)
+
+
+def _loss_scale(trainer: pl.Trainer, optimizer: Any) -> torch.Tensor | None:
+    """The gradient scaler's current scale (a device tensor: no host sync) when the gradients have not been
+    unscaled yet at ``on_before_optimizer_step``, else None (no scaler, or Lightning unscaled them already)."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    from torch.amp.grad_scaler import OptState
+
+    raw = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
+    state = scaler._per_optimizer_states.get(id(raw), {})
+    if state.get("stage") == OptState.UNSCALED:
+        return None
+    return scaler._get_scale_async()
 
 
 class HistoryRecorder(Callback):
