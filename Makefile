@@ -38,7 +38,7 @@ run:  ## one run; make run ARGS="method=lora seed=1 fraction=0.1"
 smoke:  ## the embedded default end to end in ~20 s on CPU
 	$(PY) -m experiments.run --config experiments/configs/smoke.yaml $(ARGS)
 
-# ---- experiments (docs/experiments.md): PROFILE=default|cpu|smoke|vtab|fgvc|suite|suite_cpu|vision; TASKS=some tasks of a
+# ---- experiments (docs/experiments.md): PROFILE=default|cpu|smoke|vtab|fgvc|suite|suite_cpu|vision|vision_cpu; TASKS=some tasks of a
 # multi-task profile; JOBS=N parallel runs; ARGS=extra options
 PROFILE ?= default
 JOBS ?= 1

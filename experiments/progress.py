@@ -103,9 +103,9 @@ def estimate(points: Sequence[Any], jobs: int, threads: int | None = None) -> st
     )
     if total > 3600:
         line += (
-            "\n[sweep] warning: that is long for a CPU; the `default` profile is sized for a GPU and "
-            "PROFILE=smoke checks every target in minutes. Ctrl-C stops at any time: finished runs are kept "
-            "and the same command resumes."
+            "\n[sweep] warning: that is long for a CPU; only `cpu` and the `*_cpu` profiles are sized for one (the "
+            "others for a GPU), and PROFILE=smoke checks every target in minutes. Ctrl-C stops at any time: finished "
+            "runs are kept and the same command resumes."
         )
     return line
 
@@ -116,5 +116,3 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
