@@ -147,6 +147,15 @@ SPIKE_FACTOR = 3.0
 MAJORITY_MARGIN = 0.005
 
 
+def grad_norms(result: dict[str, Any]) -> dict[str, Any]:
+    """The run's gradient-norm columns, or {} for a float16 run written before the recorder divided out the
+    loss scale (no ``loss_scale`` column): its norms are multiplied by a scale that halved at every overflow,
+    so no norm and no spike ratio can be read off them."""
+    grad = result.get("grad_norm") or {}
+    precision = ((result.get("config") or {}).get("train") or {}).get("precision")
+    return {} if precision == "16-mixed" and "loss_scale" not in grad else grad
+
+
 def stability(result: dict[str, Any]) -> dict[str, Any]:
     """What a run says about its stability (docs/stability.md): ``diverged`` (a non-finite loss or gradient
     stopped it, or it ended at the majority class), ``loss_spikes`` (recorded training losses above
@@ -158,12 +167,8 @@ def stability(result: dict[str, Any]) -> dict[str, Any]:
     at_majority = acc is not None and majority is not None and acc <= majority + MAJORITY_MARGIN
     losses = [v for v in ((result.get("curves") or {}).get("steps") or {}).get("train_loss", []) if v is not None]
     spikes = sum(1 for i in range(5, len(losses)) if losses[i] > SPIKE_FACTOR * float(np.median(losses[:i])))
-    grad = result.get("grad_norm") or {}
-    # float16 runs written before the recorder divided out the loss scale (no `loss_scale` column) hold norms
-    # multiplied by a scale that halved at every overflow: no gradient norm, no spike ratio can be read off them
-    precision = ((result.get("config") or {}).get("train") or {}).get("precision")
-    scaled = precision == "16-mixed" and "loss_scale" not in grad
-    norms = [] if scaled else [v for v in grad.get("total", []) if v is not None]
+    grad = grad_norms(result)
+    norms = [v for v in grad.get("total", []) if v is not None]
     median = float(np.median(norms)) if norms else 0.0
     return {
         "diverged": result.get("status") != "completed" or at_majority,
@@ -279,7 +284,7 @@ def load_sweep_folder(
                 {k: tau[k] for k in ("step", "layer", "projection", "tau", "tau_abs") if k in tau}
             )
             taus.append(frame.assign(**coords))
-        grad = result.get("grad_norm") or {}
+        grad = grad_norms(result)
         if grad.get("step"):
             grads.append(pd.DataFrame(grad).assign(**coords))
     runs = pd.DataFrame(rows)

@@ -130,3 +130,22 @@ def test_the_smoke_report_writes_a_verdict(smoke_study, capsys):
     assert stability_report.main(["--results", str(root), "--across", "smoke"]) == 0
     assert "across 1 task(s)" in capsys.readouterr().out
     assert stability_report.main(["--results", str(root), "--across", "nothing"]) == 2
+
+
+def test_float16_gradient_norms_count_only_in_the_losss_units():
+    """A float16 run's norms count only when recorded with the loss scale divided out (a `loss_scale`
+    column); older ones, multiplied by the scale, give no norm and no spike ratio rather than wrong ones."""
+    from experiments.collect import grad_norms, stability
+
+    norms = {"step": [0, 1, 2], "total": [1.0, 2.0, 8.0]}
+
+    def run(precision, grad):
+        return {"status": "completed", "config": {"train": {"precision": precision}}, "grad_norm": grad,
+                "metrics": {"test/acc": 0.8, "test/majority_acc": 0.5}}
+
+    for precision, grad, ratio in (("bf16-mixed", norms, 4.0), ("16-mixed", {**norms, "loss_scale": [8.0] * 3}, 4.0),
+                                   ("16-mixed", norms, None)):
+        got = stability(run(precision, grad))
+        assert got["grad_spike_ratio"] == ratio and got["diverged"] is False
+        assert (got["grad_norm_median"] is None) == (ratio is None)
+        assert bool(grad_norms(run(precision, grad))) == (ratio is not None)
