@@ -406,10 +406,7 @@ def run_on_cluster(
                    len(points) - len(todo), progress)
 
     def count(p: Point, new_state: str, seconds: float) -> None:
-        attr = new_state if new_state in ("done", "diverged") else "errors"
-        setattr(out, attr, getattr(out, attr) + 1)
-        if new_state == "error":
-            out.failed_ids.append(p.run_id)
+        out.count(p.run_id, new_state)
         bar.update(p, new_state, seconds)
 
     active: list[_Tracked] = []
@@ -425,7 +422,7 @@ def run_on_cluster(
             t = _Tracked(p, _reattach(record), record, earlier=True)
             if not t.finished():
                 active.append(t)
-            elif (new_state := _collect(t)) in ("done", "diverged"):  # finished since the grid was read
+            elif (new_state := _collect(t)) in ("done", "diverged", "refused"):  # finished since the grid was read
                 count(p, new_state, 0.0)
             else:  # its error is recorded (by the job, or just now): submitted again
                 failed_before += 1

@@ -128,8 +128,22 @@ def find_finished(point: Point, results_dir: Path) -> Path | None:
     return None
 
 
+#: errors by which the library refuses a configuration it cannot adapt (DoRA on a weight with zero rows): the
+#: same point refuses again, so a sweep keeps the record as the run's outcome and does not retry it
+#: (``--retry-failed`` does)
+REFUSALS = ("InjectError",)
+
+
+def _refused(error_path: Path) -> bool:
+    try:
+        return json.loads(error_path.read_text()).get("error") in REFUSALS
+    except (ValueError, OSError):
+        return False
+
+
 def state(point: Point) -> str:
-    """``done`` (result exists), ``diverged`` (result with status failed), ``error`` (raised), ``todo``."""
+    """``done`` (result exists), ``diverged`` (result with status failed), ``refused`` (the library rejected the
+    configuration: ``REFUSALS``), ``error`` (raised otherwise), ``todo``."""
     from doran.results import read_json
 
     if point.result_path.is_file():
@@ -138,7 +152,9 @@ def state(point: Point) -> str:
         except (ValueError, OSError, EOFError):
             return "todo"
         return "done" if status == "completed" else "diverged"
-    return "error" if point.error_path.is_file() else "todo"
+    if point.error_path.is_file():
+        return "refused" if _refused(point.error_path) else "error"
+    return "todo"
 
 
 def _quiet() -> None:
@@ -156,7 +172,7 @@ def _quiet() -> None:
 def run_point(cfg, run_id: str) -> str:
     """Run one grid point in this process; an exception is recorded (``.error.json``), not raised.
 
-    Returns the new state: ``done``, ``diverged`` or ``error``. KeyboardInterrupt propagates.
+    Returns the new state: ``done``, ``diverged``, ``refused`` or ``error``. KeyboardInterrupt propagates.
     """
     from experiments.run import run
 
@@ -164,7 +180,7 @@ def run_point(cfg, run_id: str) -> str:
         result = run(cfg, verbose=False)
     except Exception as err:
         record_error(cfg, run_id, err)
-        return "error"
+        return "refused" if type(err).__name__ in REFUSALS else "error"
     except SystemExit as err:
         # Lightning turns Ctrl-C into sys.exit(1) after ignoring SIGINT: restore Ctrl-C, report an interrupt
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -185,13 +201,22 @@ class Outcome:
     diverged: int = 0
     errors: int = 0
     not_started: int = 0
+    refused: int = 0
     failed_ids: list[str] = field(default_factory=list)
 
+    def count(self, run_id: str, new_state: str) -> None:
+        """Count a run that just ended in ``new_state``; an error is listed in ``failed_ids``."""
+        attr = new_state if new_state in ("done", "diverged", "refused") else "errors"
+        setattr(self, attr, getattr(self, attr) + 1)
+        if attr == "errors":
+            self.failed_ids.append(run_id)
+
     def line(self) -> str:
+        refused = f", {self.refused} refused (the library rejects the configuration; kept)" if self.refused else ""
         return (
             f"{self.total} runs: {self.skipped} already finished, {self.reused} reused from other sweeps, "
-            f"{self.done} completed, {self.diverged} diverged (NaN, kept), {self.errors} errors (retried "
-            f"next time), {self.not_started} not started (time limit)"
+            f"{self.done} completed, {self.diverged} diverged (NaN, kept){refused}, {self.errors} errors "
+            f"(retried next time), {self.not_started} not started (time limit)"
         )
 
 
@@ -247,7 +272,7 @@ def _tail(path: Path, n: int = 3000) -> str:
 def unfinished(points: Sequence[Point], results_dir: Path, retry_failed: bool, reuse: bool,
                out: Outcome) -> list[Point]:
     """The points still to run, counted into ``out``: finished runs skipped, identical finished runs of other
-    sweeps copied (``reuse``), diverged runs re-run only with ``retry_failed``."""
+    sweeps copied (``reuse``), diverged and refused runs re-run only with ``retry_failed``."""
     from doran.results import atomic_write_json, read_json
 
     todo = []
@@ -256,7 +281,9 @@ def unfinished(points: Sequence[Point], results_dir: Path, retry_failed: bool, r
         if s == "diverged" and retry_failed:
             p.result_path.unlink()
             s = "todo"
-        if s in ("done", "diverged"):
+        if s == "refused" and retry_failed:
+            s = "error"  # its record stays until the run ends (it counts the attempts)
+        if s in ("done", "diverged", "refused"):
             out.skipped += 1
             continue
         if reuse and (found := find_finished(p, results_dir)) is not None:
@@ -304,10 +331,7 @@ def run_points(
         return time_limit is not None and time.monotonic() - start > time_limit
 
     def count(p: Point, new_state: str, seconds: float) -> None:
-        attr = new_state if new_state in ("done", "diverged") else "errors"
-        setattr(out, attr, getattr(out, attr) + 1)
-        if new_state == "error":
-            out.failed_ids.append(p.run_id)
+        out.count(p.run_id, new_state)
         bar.update(p, new_state, seconds)
 
     try:

@@ -107,7 +107,9 @@ def sweep_main(args: argparse.Namespace) -> int:
             f"[sweep] {spec.name} on profile {profile.name}: {len(points)} runs "
             f"({len(spec.variants if not args.variants else set(p.variant for p in points))} variants x "
             f"{len(set(p.seed for p in points))} seeds x {len(set(p.fraction for p in points))} fractions); "
-            f"{states.count('done') + states.count('diverged')} finished, {states.count('error')} to retry"
+            f"{states.count('done') + states.count('diverged')} finished, "
+            + (f"{states.count('refused')} refused, " if "refused" in states else "")
+            + f"{states.count('error')} to retry"
             f" -> {points[0].out if points else '-'}",
             flush=True,
         )

@@ -28,14 +28,30 @@ def smoke_study(tmp_path_factory):
     status = sweep.main(["stability", *common, "--variants", "lora, lr=0.001", "lora, lr=0.3", "dora, lr=0.001",
                          "dora, lr=0.3", "doran, lr=0.001", "doran, lr=0.3"])
     assert status == 0
-    # DoRA refuses a layer with a zero row: recorded as an error (the sweep exits 1), the others run
-    assert sweep.main(["stability_init", *common, "--variants", "dora, zero rows", "doran, zero rows"]) == 1
+    # DoRA refuses a layer with a zero row: recorded as the run's outcome (not an error of the sweep), the others run
+    assert sweep.main(["stability_init", *common, "--variants", "dora, zero rows", "doran, zero rows"]) == 0
     out = stability_report.report("smoke", root, figures_dir=root / "figures")
-    return root, out
+    return root, out, common
+
+
+def test_a_refusal_is_kept_not_retried_unless_asked(smoke_study, capsys):
+    import json
+
+    root, _, common = smoke_study
+    [record] = (root / "smoke" / "stability_init").glob("dora-*.error.json")
+    assert json.loads(record.read_text())["error"] == "InjectError"
+    args = ["stability_init", *common, "--variants", "dora, zero rows"]
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert "1 refused, 0 to retry" in out and "1 already finished" in out
+    assert json.loads(record.read_text())["attempts"] == 1
+    assert sweep.main([*args, "--retry-failed"]) == 0  # asked: run again, refused again
+    assert "1 refused (the library rejects the configuration; kept)" in capsys.readouterr().out
+    assert json.loads(record.read_text())["attempts"] == 2
 
 
 def test_the_report_counts_divergence_and_does_not_average_diverged_runs(smoke_study):
-    root, out = smoke_study
+    root, out, _ = smoke_study
     table = out["lr"]
     assert set(table["method"]) == {"lora", "dora", "doran"} and set(table["lr"]) == {1e-3, 0.3}
     for _, r in table.iterrows():
@@ -47,7 +63,7 @@ def test_the_report_counts_divergence_and_does_not_average_diverged_runs(smoke_s
 
 
 def test_zeroed_rows_are_refused_by_dora_and_trained_by_doran(smoke_study):
-    root, out = smoke_study
+    root, out, _ = smoke_study
     init = out["init"].set_index("method")
     assert init.loc["dora", "refused"] == 1 and init.loc["doran", "refused"] == 0
     runs = pd.read_csv(root / "smoke" / "stability_init" / "runs.csv")
@@ -123,7 +139,7 @@ def test_the_verdict_across_tasks_needs_two_of_three_and_no_contradiction():
 
 
 def test_the_smoke_report_writes_a_verdict(smoke_study, capsys):
-    root, out = smoke_study
+    root, out, _ = smoke_study
     v = out["verdict"].iloc[0]
     assert v["sweep"] == "stability" and v["verdict"] in ("supported", "not supported", "contradicted")
     assert (root / "smoke" / "stability_verdict.csv").is_file()
