@@ -114,7 +114,7 @@ def zero_rows(model, cfg: RunConfig, fraction: float, seed: int = 0) -> int:
 
 def compiled_as(module, requested: str) -> str:
     """How the run's model ran: the compile mode, or ``none (compile failed: ...)`` where the compiler gave up
-    on the first call and the model ran eager (``doran.fast.compiling.CompiledModel``)."""
+    on a call (the first, or a later one that needed a new graph) and the model ran eager from there on (``doran.fast.compiling.CompiledModel``)."""
     if not module._runner:
         return requested
     runner = module._runner[0]

@@ -204,6 +204,7 @@ def figures(tables: dict[str, pd.DataFrame], init: pd.DataFrame | None, out_dir:
             means = table["acc_mean"].dropna()
             low, high = (max(0.0, means.min() - 5), min(100.0, means.max() + 3)) if len(means) else (0.0, 100.0)
             top.set_ylim(low - 0.3 * (high - low), high)  # room for the counts below the curves
+            top.set_yticks([t for t in top.get_yticks() if low <= t <= high])  # no accuracy ticks below 0
             bottom.set(xscale="log", xlabel="learning rate",
                        ylabel="diverged runs (%): non-finite or\nat the majority class", ylim=(-5, 105))
             top.legend(fontsize=7)
