@@ -71,8 +71,7 @@ tune:  ## an Optuna study per method, same trial budget; writes experiments/conf
 FIGURES ?= figures
 
 figures:  ## every figure in figures/ from the saved results (trains nothing; FIGURES=dir writes elsewhere)
-	$(PY) -m experiments.collect --profile $(PROFILE)
-	$(PY) -m experiments.plots --profile $(PROFILE) $(if $(filter default,$(PROFILE)),--out $(FIGURES),)
+	$(PY) -m experiments.figures --profile $(PROFILE) $(if $(filter default,$(PROFILE)),--out $(FIGURES),)
 	$(PY) -m benchmarks.plot --out $(FIGURES)
 	$(PY) -m experiments.multigpu_report experiments/results/lm-multigpu/curves-*.json* --plot $(FIGURES)/multigpu_loss
 	# the results notebook, committed executed: regenerated from the same saved results (default profile)

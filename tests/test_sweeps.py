@@ -429,3 +429,17 @@ def test_a_multi_task_profile_runs_each_task_in_its_own_folder(tmp_path):
     [result] = _results(folder).values()
     assert result["config"]["data"]["task"] == "trec6" and result["config"]["model"]["max_length"] == 48
     assert runner.read_manifest(folder)["profile"] == "suite/trec6"
+
+
+def test_figures_finds_a_profiles_own_sweeps_and_each_tasks(tmp_path, capsys):
+    from experiments import figures
+
+    for folder in ("default/stability", "suite/trec6/stability", "suite/boolq/sample_efficiency", "suite/imdb/x"):
+        (tmp_path / folder).mkdir(parents=True)
+    for folder in ("default/stability", "suite/trec6/stability", "suite/boolq/sample_efficiency"):
+        (tmp_path / folder / "sweep.json").write_text("{}")
+    assert figures.units("default", tmp_path) == ["default"]
+    assert figures.units("suite", tmp_path) == ["suite/boolq", "suite/trec6"]  # imdb: no sweep ran
+    assert figures.units("vision", tmp_path) == []
+    assert figures.main(["--profile", "vision", "--results", str(tmp_path)]) == 2
+    assert "no sweep results under" in capsys.readouterr().err
