@@ -212,7 +212,7 @@ def test_make_targets_call_these_entry_points():
         "experiments.sweep sample_efficiency",
         "experiments.sweep ablation_hypernet",
         "experiments.tune",
-        "experiments.plots",
+        "experiments.figures",  # collect, plots and the stability report per profile or task
         "experiments.collect",
         "--profile smoke",
     ):
