@@ -37,6 +37,7 @@ import pandas as pd
 from experiments.collect import collect_sweep, t_interval
 from experiments.constants import RESULTS_DIR, SWEEP_FILE
 from experiments.plots import default_out
+from experiments.runner import REFUSALS
 
 SWEEPS = ("stability", "stability_precision")
 FAMILIES = ("lora", "dora", "doran", "doran, static factors", "doran, tau=0")
@@ -49,7 +50,7 @@ def _runs(folder: Path) -> pd.DataFrame:
     if runs.empty:
         return runs
     runs = runs.copy()
-    runs["refused"] = runs["status"].eq("error") & runs.get("error_type", pd.Series(dtype=str)).eq("InjectError")
+    runs["refused"] = runs["status"].eq("error") & runs.get("error_type", pd.Series(dtype=str)).isin(REFUSALS)
     runs["diverged"] = runs.get("diverged", False).fillna(False).astype(bool) | runs["status"].eq("diverged")
     return runs
 
