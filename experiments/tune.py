@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--tasks", nargs="+", default=None,
                         help="a multi-task profile's tasks to tune (default: all of its tasks)")
-    parser.add_argument("--methods", nargs="+", default=None, help="default: every preset")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: the profile's tune.methods, else every preset")
     parser.add_argument(
         "--trials", type=int, default=None, help="finished trials per method (default: profile)"
     )
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _tune_profile(args: argparse.Namespace, profile: Profile) -> int:
     """Every method's study on ``profile`` (one task of a multi-task profile, or a single-data-set one)."""
-    methods = [m.lower() for m in args.methods] if args.methods else all_methods()
+    methods = [m.lower() for m in args.methods or profile.tune.get("methods") or all_methods()]
     results_dir, tuned_dir = Path(args.results), Path(args.tuned_dir)
     storage = args.storage or default_storage(profile.name, results_dir)
     if args.jobs > 1 or args.gpus:
