@@ -4,6 +4,8 @@ init when weights were asked for), and the seeded re-initialisation of the class
 
 from __future__ import annotations
 
+import functools
+
 import os
 from pathlib import Path
 from typing import Any
@@ -184,11 +186,23 @@ def build_backbone(
 
 
 def default_targets(kind: str, name: str = "") -> tuple[str, ...]:
-    """Adapter targets per backbone family: BERT's query/value, DINOv2's q_proj/v_proj, timm ViT's fused qkv
+    """Adapter targets per backbone family: BERT's query/value, DINOv2's query and value projections (``dinov2_targets``), timm ViT's fused qkv
     (its q and v slices)."""
     if kind == "text":
         return ("query", "value")
-    return ("q_proj", "v_proj") if name == DINOV2 else ("qkv",)
+    return dinov2_targets() if name == DINOV2 else ("qkv",)
+
+
+@functools.lru_cache(maxsize=1)
+def dinov2_targets() -> tuple[str, ...]:
+    """DINOv2's query and value projections as the installed transformers names them: ``q_proj``/``v_proj``
+    in recent 5.x, ``attention.query``/``attention.value`` before (read off a one-layer model)."""
+    from transformers import Dinov2Config
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
+
+    layer = Dinov2Layer(Dinov2Config(hidden_size=8, num_attention_heads=2, intermediate_size=8))
+    names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    return ("q_proj", "v_proj") if any(n.endswith("q_proj") for n in names) else ("query", "value")
 
 
 def default_head(kind: str, name: str = "") -> str:
