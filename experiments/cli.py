@@ -37,8 +37,12 @@ _SIGTERM_SEEN: list[bool] = []
 
 
 def raise_on_sigterm(signum, frame) -> None:
-    """SIGTERM handler: stop like Ctrl-C (Lightning, during ``fit``, calls it after its own handler)."""
+    """SIGTERM handler: stop like Ctrl-C. Called by Lightning's handler during ``trainer.fit`` (another handler is
+    installed then), it only records the signal: Lightning stops at the next batch and ``interruptible`` says how
+    to resume. Raising there could land inside a finaliser (``__del__``), where Python prints and drops it."""
     _SIGTERM_SEEN.append(True)
+    if signal.getsignal(signal.SIGTERM) is not raise_on_sigterm:
+        return
     raise RunInterrupted(
         "SIGTERM: the run stopped before it finished and wrote no result; run the same command again (it "
         "resumes from the last checkpoint, if one was written)",

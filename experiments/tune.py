@@ -138,12 +138,22 @@ def _pruning_callback(trial):
     return OptunaPruning()
 
 
+class _BadInput(BaseException):
+    """A trial's config is bad input (``DoranError``: unknown target, rank too large, missing data): a
+    ``BaseException``, so that ``study.optimize(catch=(Exception,))`` does not swallow it as a failed trial."""
+
+    def __init__(self, message: str, number: int):
+        super().__init__(message)
+        self.number = number
+
+
 def make_objective(
     profile: Profile, method: str, space: dict[str, Any], results_dir: Path, extra: Sequence[str] = ()
 ):
     """The Optuna objective of ``method``: mean final validation accuracy over the profile's tuning seeds."""
     import optuna
 
+    from doran.errors import DoranError
     from experiments.run import run
 
     tune = profile.tune
@@ -161,6 +171,8 @@ def make_objective(
             callbacks = [_pruning_callback(trial)] if i == 0 else []
             try:
                 result = run(cfg, callbacks=callbacks, verbose=False)
+            except DoranError as err:  # bad input: every trial would fail alike, so the study stops at once
+                raise _BadInput(f"{method}: trial {trial.number} ({values}): {err}", trial.number) from err
             except optuna.TrialPruned:
                 shutil.rmtree(
                     out / run_id, ignore_errors=True
@@ -268,13 +280,17 @@ def tune_method(
         objective = make_objective(profile, method, space, results_dir, extra)
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         t0 = time.monotonic()
-        study.optimize(
-            objective,
-            n_trials=trials - done,
-            catch=(Exception,),
-            timeout=time_limit,
-            callbacks=[optuna.study.MaxTrialsCallback(trials, states=states)],
-        )
+        try:
+            study.optimize(
+                objective,
+                n_trials=trials - done,
+                catch=(Exception,),
+                timeout=time_limit,
+                callbacks=[optuna.study.MaxTrialsCallback(trials, states=states)],
+            )
+        except _BadInput as err:
+            study.tell(err.number, state=optuna.trial.TrialState.FAIL)  # not left RUNNING for the heartbeat
+            raise SweepError(f"{err}; fix the profile or the search space, then run again") from None
         if verbose:
             print(
                 f"[tune] {method}: {_finished(study)} trials finished in {time.monotonic() - t0:.0f}s",

@@ -387,6 +387,21 @@ def test_tune_resumes_and_writes_the_tuned_file_only_once_the_budget_is_spent(tm
     )
 
 
+def test_tune_stops_at_the_first_trial_that_is_bad_input(tmp_path, capsys):
+    """An unknown adapter target fails every trial alike: the study stops at once with exit 2 and says why,
+    instead of spending the budget on failed trials."""
+    args = ["--profile", "smoke", "--methods", "lora", "--results", str(tmp_path), "--tuned-dir", str(tmp_path / "t"),
+            "--set", "adapter.targets=nonexistent_proj"]
+    assert tune.main(args) == 2
+    err = capsys.readouterr().err
+    assert "lora: trial 0" in err and "nonexistent_proj" in err and "fix the profile or the search space" in err
+    import optuna
+
+    study = optuna.load_study(study_name="smoke-lora", storage=tune.default_storage("smoke", tmp_path))
+    assert [t.state.name for t in study.trials] == ["FAIL"]  # one trial, not the whole budget
+    assert not grid.tuned_path("smoke", "lora", tmp_path / "t").exists()
+
+
 def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
     """`make figures` on unchanged results leaves the committed figures unchanged (no date in the PDF)."""
     import time
