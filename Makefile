@@ -47,13 +47,16 @@ TASKS ?=
 TASK_ARGS = $(if $(TASKS),--tasks $(TASKS),)
 README_TABLE = $(if $(filter default,$(PROFILE)),--readme docs/results.md,)
 
-.PHONY: ablation-tau ablation-hypernet sample-efficiency stability tune figures results-table
+.PHONY: ablation-tau ablation-hypernet params-matched sample-efficiency stability tune figures results-table
 
 ablation-tau:  ## tau = 0 / fixed / learned, static and generated factors, 5 seeds (PROFILE, JOBS, ARGS)
 	$(PY) -m experiments.sweep ablation_tau --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)
 
 ablation-hypernet:  ## DoRAN's generator sharing: static, none, qv_first, qv_full, global; 5 seeds
 	$(PY) -m experiments.sweep ablation_hypernet --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)
+
+params-matched:  ## LoRA and DoRA at DoRAN's adapter-parameter count, beside each at its tuned rank; 5 seeds
+	$(PY) -m experiments.sweep params_matched --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)
 
 stability:  ## LoRA, DoRA, DoRAN (and DoRAN without generators / without tau) over a learning-rate grid, in fp16 on a GPU, and under hard initial conditions; tables and figures
 	$(PY) -m experiments.sweep stability stability_init --profile $(PROFILE) $(TASK_ARGS) --jobs $(JOBS) $(ARGS)

@@ -14,17 +14,19 @@ content, and for the cost of each run (the progress bar's ETA).
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from doran.errors import ConfigError
+from doran.errors import ConfigError, DoranError
 from experiments.config import RunConfig, load, parse_overrides, unflatten
 from experiments.constants import PROFILE_DIR, REPO, RESULTS_DIR, SWEEP_DIR, TUNED_DIR, all_methods
 
@@ -82,6 +84,7 @@ class Variant:
     set: dict[str, Any] = field(default_factory=dict)  # dotted run-config keys -> values
     tuned: str | None = None  # the method whose tuned hyper-parameters apply (default: ``method``)
     tags: dict[str, Any] = field(default_factory=dict)
+    match: str | None = None  # another variant's label: take the rank whose adapter parameters come closest to it
 
 
 @dataclass
@@ -95,6 +98,7 @@ class SweepSpec:
     fractions: list[float]
     baseline: str | None = None
     description: str = ""
+    defined: list[Variant] = field(default_factory=list)  # every variant of the file (``match`` targets)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -163,12 +167,16 @@ def profiles_for(profile: Profile, tasks: Sequence[str] | None) -> list[Profile]
 
 
 def _variant(entry: dict[str, Any], source: str) -> Variant:
-    _check_keys(entry, ("label", "method", "set", "tuned", "tags"), source)
+    _check_keys(entry, ("label", "method", "set", "tuned", "tags", "match"), source)
     if "method" not in entry:
         raise SweepError(f"{source}: a variant needs a method, got {entry!r}")
     method = str(entry["method"]).lower()
+    if "match" in entry and {"adapter.r", "adapter.alpha"} & set(entry.get("set") or {}):
+        raise SweepError(f"{source}: variant {entry.get('label', method)!r} sets the rank and matches a parameter "
+                         "count; give one of them")
     return Variant(label=str(entry.get("label", method)), method=method, set=dict(entry.get("set") or {}),
-                   tuned=entry.get("tuned", method), tags=dict(entry.get("tags") or {}))
+                   tuned=entry.get("tuned", method), tags=dict(entry.get("tags") or {}),
+                   match=None if entry.get("match") is None else str(entry["match"]))
 
 
 def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
@@ -209,6 +217,11 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
         variants = [v for v in variants if v.label in keep]
     variants = _expand(variants, section.get("grid", data.get("grid")) or {}, path)
     labels = [v.label for v in variants]
+    all_labels = {v.label for v in variants} | {v.label for v in [_variant(e, str(path)) for e in data.get("variants", [])]}
+    for v in variants:
+        if v.match is not None and v.match not in all_labels:
+            raise SweepError(f"{path}: variant {v.label!r} matches {v.match!r}, which is not a variant label; "
+                             f"valid: {sorted(all_labels)}")
     baseline = data.get("baseline")
     if baseline is not None and baseline not in labels:
         raise SweepError(f"{path}: baseline {baseline!r} is not a variant label; valid: {labels}")
@@ -216,6 +229,7 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
         name=str(data.get("name", path.stem)),
         path=path,
         variants=variants,
+        defined=[_variant(e, str(path)) for e in data.get("variants", [])],
         seeds=[int(s) for s in section.get("seeds", data.get("seeds", profile.seeds))],
         fractions=[float(f) for f in section.get("fractions", data.get("fractions", [1.0]))],
         baseline=baseline,
@@ -357,6 +371,58 @@ def estimate_cost(cfg: RunConfig) -> float:
     return steps + (epochs * n_val + n_test) / (3 * t.batch_size) + 20
 
 
+@functools.lru_cache(maxsize=4)
+def _backbone(kind: str, name: str, kwargs: str, tokenizer: str | None) -> Any:
+    """The backbone of a run (its pretrained weights when it has them; only the shapes matter here)."""
+    from doran.training import build_backbone
+
+    model, _, _ = build_backbone(kind=kind, name=name, num_classes=2, tokenizer=tokenizer, kwargs=json.loads(kwargs))
+    return model
+
+
+def adapter_parameters(cfg: RunConfig) -> int:
+    """Trainable adapter parameters (the head left out: every method shares it) of ``cfg``'s method and
+    adapter settings on ``cfg``'s backbone."""
+    import copy
+
+    import doran
+
+    m = cfg.model
+    model = copy.deepcopy(_backbone(m.kind, m.name, json.dumps(m.kwargs or {}, sort_keys=True), m.tokenizer))
+    doran.inject(model, doran.AdapterConfig.preset(cfg.method, **cfg.adapter))
+    counts = doran.trainable_parameter_counts(model)
+    return counts["trainable"] - counts["other"]
+
+
+def matching_rank(make: Callable[[dict[str, Any]], RunConfig], target: int, max_rank: int = 512) -> dict[str, Any]:
+    """``{"adapter.r": r, "adapter.alpha": alpha}``: the rank whose adapter parameters come closest to
+    ``target`` (ties to the smaller rank) for the run configs ``make(layer)`` (``layer`` merged last), alpha
+    scaled with it so that s = alpha / r stays the variant's. The count of a method without generators is
+    affine in r: two counts give the line, a third checks it."""
+    cfg = make({})
+    ratio = float(cfg.adapter["alpha"]) / float(cfg.adapter["r"])
+    method = cfg.method
+
+    def count(r: int) -> int:
+        return adapter_parameters(make({"adapter.r": r, "adapter.alpha": ratio * r}))
+
+    c1, c2 = count(1), count(2)
+    slope = c2 - c1
+    if slope <= 0:
+        raise SweepError(f"{method}: its adapter parameters do not grow with the rank; nothing to match")
+    best = max(1, min(max_rank, round((target - c1) / slope) + 1))
+    candidates = sorted({max(1, best - 1), best, min(max_rank, best + 1)})
+    r = min(candidates, key=lambda k: (abs(c1 + (k - 1) * slope - target), k))
+    try:
+        exact = count(r)
+    except DoranError as err:  # the rank is more than the model's Linears allow
+        raise SweepError(f"{method}: {target:,} adapter parameters need rank {r}, which this model does not "
+                         f"allow ({err}); match a smaller variant or drop the matched one") from None
+    if exact != c1 + (r - 1) * slope:
+        raise SweepError(f"{method}: its adapter parameters are not affine in the rank; cannot match a count")
+    return {"adapter.r": r, "adapter.alpha": ratio * r}
+
+
 def build_grid(
     spec: SweepSpec,
     profile: Profile,
@@ -384,14 +450,28 @@ def build_grid(
     seeds = list(seeds) if seeds is not None else spec.seeds
     fractions = [float(f) for f in fractions] if fractions is not None else spec.fractions
     out = Path(results_dir) / profile.name / spec.name
+    by_label = {v.label: v for v in [*spec.defined, *spec.variants]}
+
+    def tuned_of(v: Variant) -> tuple[dict[str, Any], Path | None]:
+        return (({}, None) if tuned_dir is None or v.tuned is None
+                else load_tuned(profile.tuned_from or profile.name, v.tuned, tuned_dir))
+
+    matched = {}  # label -> {"adapter.r": r, "adapter.alpha": alpha} of the variants with ``match``
+    for v in chosen:
+        if v.match is not None:
+            other = by_label[v.match]
+            target = adapter_parameters(point_config(profile, tuned_of(other)[0], other.set,
+                                                     {"method": other.method}, extra=extra))
+            matched[v.label] = matching_rank(
+                lambda layer, v=v: point_config(profile, tuned_of(v)[0], v.set, layer, {"method": v.method},
+                                                extra=extra), target)
     points = []
     for seed in seeds:
         for fraction in fractions:
             for v in chosen:
-                tuned, tuned_file = (({}, None) if tuned_dir is None or v.tuned is None
-                                     else load_tuned(profile.tuned_from or profile.name, v.tuned, tuned_dir))
+                tuned, tuned_file = tuned_of(v)
                 coords = {"method": v.method, "seed": seed, "fraction": fraction, "out": str(out)}
-                cfg = point_config(profile, tuned, v.set, coords, extra=extra)
+                cfg = point_config(profile, tuned, v.set, matched.get(v.label, {}), coords, extra=extra)
                 points.append(Point(
                     sweep=spec.name, variant=v.label, method=v.method, seed=seed, fraction=cfg.fraction, cfg=cfg,
                     run_id=point_run_id(cfg), tuned=None if tuned_file is None else os.path.relpath(tuned_file, REPO),

@@ -16,6 +16,7 @@ ablation_tau_accuracy               ablation_tau/runs.csv
 ablation_tau_trajectories           ablation_tau/tau.csv.gz
 ablation_tau_grad_norm              ablation_tau/grad_norm.csv.gz
 ablation_hypernet                   ablation_hypernet/runs.csv
+params_matched                      params_matched/runs.csv
 ==================================  =====================================
 """
 
@@ -455,6 +456,34 @@ def fig_hypernet(csv: Path, out: Path) -> list[Path]:
     return save(fig, out, "ablation_hypernet")
 
 
+def fig_params_matched(csv: Path, out: Path) -> list[Path]:
+    """Accuracy (mean and 95% interval over seeds) against trainable adapter parameters (log scale): each method
+    at its tuned rank (filled) and LoRA / DoRA at DoRAN's parameter count (open), one colour per method."""
+    runs = pd.read_csv(csv)
+    ok = _completed(runs)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for variant in dict.fromkeys(runs["variant"]):
+        g = ok[ok["variant"] == variant]
+        if g.empty:
+            continue
+        method = str(g["method"].iloc[0])
+        matched = variant != method
+        mean, lo, hi = _mean_ci(g["test_acc"] * 100)
+        ax.errorbar(g["params_adapter"].median(), mean, yerr=[[lo], [hi]], fmt="s" if matched else "o", ms=8,
+                    capsize=4, color=method_color(method), mfc="white" if matched else method_color(method),
+                    mew=1.6, label=f"{label(method)}, {'rank matched to DoRAN' if matched else 'tuned rank'}",
+                    zorder=3)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.set_xlabel("trainable adapter parameters (head excluded, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    fraction = ok["fraction"].iloc[0] if len(ok) else math.nan
+    ax.set_title(f"Accuracy against parameters, {fraction:.0%} of the data: mean and 95% interval")
+    ax.legend(fontsize=8, loc="best")
+    _note(fig, runs)
+    return save(fig, out, "params_matched")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------
@@ -467,6 +496,7 @@ FIGURES: dict[str, tuple[Callable[[Path, Path], list[Path]], str, str]] = {
     "ablation_tau_trajectories": (fig_tau_trajectories, "ablation_tau", "tau.csv.gz"),
     "ablation_tau_grad_norm": (fig_grad_norm, "ablation_tau", "grad_norm.csv.gz"),
     "ablation_hypernet": (fig_hypernet, "ablation_hypernet", "runs.csv"),
+    "params_matched": (fig_params_matched, "params_matched", "runs.csv"),
 }
 
 

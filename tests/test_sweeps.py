@@ -458,3 +458,54 @@ def test_figures_finds_a_profiles_own_sweeps_and_each_tasks(tmp_path, capsys):
     assert figures.units("vision", tmp_path) == []
     assert figures.main(["--profile", "vision", "--results", str(tmp_path)]) == 2
     assert "no sweep results under" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- parameter matching
+def test_params_matched_gives_lora_and_dora_the_rank_closest_to_doran_s_parameter_count():
+    profile = grid.load_profile("default")
+    points = grid.build_grid(grid.load_sweep("params_matched", profile), profile, seeds=[0])
+    cfg = {p.variant: p.cfg for p in points}
+    target = grid.adapter_parameters(cfg["doran"])
+    assert target == 315_276  # r=4, 32 hidden units, qv_first sharing on MiniLM's 6 x (query, value)
+    for variant, method in (("lora, DoRAN's parameters", "lora"), ("dora, DoRAN's parameters", "dora")):
+        r, alpha = cfg[variant].adapter["r"], cfg[variant].adapter["alpha"]
+        tuned = cfg[method].adapter
+        assert alpha / r == tuned["alpha"] / tuned["r"]  # s = alpha / r stays the tuned one
+        # 6 layers x 2 projections x r x (384 + 384), plus DoRA's 12 x 384 magnitudes
+        count = 9216 * r + (4608 if method == "dora" else 0)
+        assert grid.adapter_parameters(cfg[variant]) == count
+        assert abs(count - target) <= 9216 / 2  # no other rank comes closer
+    assert cfg["lora, DoRAN's parameters"].adapter["r"] == 34 and cfg["dora, DoRAN's parameters"].adapter["r"] == 34
+    assert {p.tags["rank"] for p in points} == {"tuned", "matched to doran"}
+
+
+def test_a_parameter_match_beyond_the_model_s_ranks_is_refused_before_any_run():
+    profile = grid.load_profile("smoke")  # a tiny BERT (width 32): DoRAN's generators outgrow any LoRA rank
+    with pytest.raises(grid.SweepError, match=r"need rank \d+, which this model does not allow"):
+        grid.build_grid(grid.load_sweep("params_matched", profile), profile, tuned_dir=None, seeds=[0])
+
+
+def test_a_variant_cannot_both_set_its_rank_and_match_a_count(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variants:\n  - {label: a, method: lora, match: b, set: {adapter.r: 4}}\n  - {label: b, method: doran}\n")
+    with pytest.raises(grid.SweepError, match="sets the rank and matches a parameter count"):
+        grid.load_sweep(bad, grid.load_profile("smoke"))
+    bad.write_text("variants:\n  - {label: a, method: lora, match: nobody}\n")
+    with pytest.raises(grid.SweepError, match="matches 'nobody', which is not a variant label"):
+        grid.load_sweep(bad, grid.load_profile("smoke"))
+
+
+def test_params_matched_figure_plots_accuracy_against_parameters(tmp_path):
+    from experiments import plots
+
+    rows = [{"variant": v, "method": m, "seed": s, "fraction": 0.1, "status": "completed",
+             "test_acc": acc + 0.01 * s, "params_adapter": n}
+            for v, m, acc, n in (("lora", "lora", 0.80, 147456), ("doran", "doran", 0.79, 315276),
+                                 ("lora, DoRAN's parameters", "lora", 0.81, 313344))
+            for s in range(3)]
+    csv = tmp_path / "runs.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    plots.set_theme()
+    written = plots.fig_params_matched(csv, tmp_path / "fig")
+    assert sorted(p.name for p in written) == ["params_matched.pdf", "params_matched.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
