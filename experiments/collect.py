@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from doran.results import find_result, read_json, result_files, run_id_of_file
-from experiments.constants import RESULTS_DIR, SWEEP_FILE, SWEEPS, method_order, param_groups
+from experiments.constants import RESULTS_DIR, STABILITY_SWEEPS, SWEEP_FILE, SWEEPS, method_order, param_groups
 from experiments.runner import read_manifest
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
@@ -626,9 +626,10 @@ def collect(
     block = results_markdown(tables, profile)
     root.mkdir(parents=True, exist_ok=True)
     (root / "results_table.md").write_text(block)
-    if readme is not None:
+    if readme is not None:  # the accuracy studies; the stability study has its own report (stability_report)
         path = Path(readme)
-        path.write_text(replace_between_markers(path.read_text(), block))
+        accuracy = {name: t for name, t in tables.items() if name not in STABILITY_SWEEPS}
+        path.write_text(replace_between_markers(path.read_text(), results_markdown(accuracy, profile)))
     return tables
 
 

@@ -17,6 +17,8 @@ FIGURES_DIR = REPO / "figures"
 SWEEP_FILE = "sweep.json"
 #: the sweeps `all` runs, in this order (the sample-efficiency grid first: the ablations reuse its runs)
 SWEEPS = ("sample_efficiency", "ablation_tau", "ablation_hypernet")
+#: the stability study's sweeps: their tables live in stability_*.csv and docs/stability.md, not in docs/results.md
+STABILITY_SWEEPS = ("stability", "stability_precision", "stability_init")
 #: methods in the order every table and figure uses; presets not listed here follow in alphabetical order
 METHOD_ORDER = ("lora", "dora", "doran", "replora", "hora", "prediag", "sora")
 

@@ -175,6 +175,18 @@ def test_results_table_replaces_the_readme_block_only(smoke):
     assert (smoke["results"] / "results_table.md").read_text().strip() == block.strip()
 
 
+def test_the_readme_table_leaves_the_stability_sweeps_to_their_own_report(smoke, tmp_path):
+    results = tmp_path / "results" / "smoke"
+    shutil.copytree(smoke["results"] / "ablation_hypernet", results / "ablation_hypernet")
+    shutil.copytree(smoke["results"] / "ablation_hypernet", results / "stability")  # any sweep named so
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{collect.START}\n{collect.END}\n")
+    assert collect.main(["--profile", "smoke", "--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    assert "#### stability" in (results / "results_table.md").read_text()
+    block = readme.read_text()
+    assert "Auxiliary-network sharing" in block and "#### stability" not in block
+
+
 def test_rerunning_a_finished_target_runs_nothing(smoke, monkeypatch, capsys):
     def no_run(*args, **kwargs):
         raise AssertionError("a finished run was run again")
