@@ -1,10 +1,10 @@
 """Across tasks: one verdict from the per-task sweeps of a multi-task profile. Trains nothing.
 
-    python -m experiments.suite_report --profile suite --sweep sample_efficiency --baseline lora
+    python -m experiments.suite_report --profile suite --sweep sample_efficiency --baseline lora dora
     python -m experiments.suite_report --profile vision --sweep ablation_tau --baseline "static, tau=0, detached"
 
 For every task folder ``<results>/<profile>/<task>/<sweep>/`` (collected with ``experiments.collect``), and
-every variant and data fraction, it compares the variant with ``--baseline`` seed by seed (the same subset,
+every variant and data fraction, it compares the variant with each ``--baseline`` seed by seed (the same subset,
 head initialisation and batch order) and writes ``<results>/<profile>/<sweep>_across_tasks.csv``:
 
 - per task: the mean paired difference (percentage points) with its 95% t-interval over seeds, and the
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +85,10 @@ def mean_ranks(runs: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
     return means.groupby(["fraction", "variant"], sort=False)["rank"].mean().reset_index(name="mean_rank")
 
 
-def report(profile: str, sweep: str, baseline: str, results_dir: Path = RESULTS_DIR) -> pd.DataFrame:
-    """The across-task table of ``sweep`` under ``profile`` (module docstring); written next to the tasks."""
+def report(profile: str, sweep: str, baseline: str | Sequence[str], results_dir: Path = RESULTS_DIR) -> pd.DataFrame:
+    """The across-task table of ``sweep`` under ``profile`` against each baseline (module docstring; a
+    ``baseline`` column tells them apart); written next to the tasks."""
+    baselines = [baseline] if isinstance(baseline, str) else list(baseline)
     folders = task_folders(profile, sweep, results_dir)
     if not folders:
         raise FileNotFoundError(f"no task has a {sweep} folder under {Path(results_dir) / profile}; run "
@@ -95,18 +99,26 @@ def report(profile: str, sweep: str, baseline: str, results_dir: Path = RESULTS_
         if len(runs):
             frames.append(runs.assign(task=task))
     runs = pd.concat(frames, ignore_index=True)
-    if baseline not in set(runs["variant"]):
-        raise ValueError(f"baseline {baseline!r} is not a variant of {sweep}; variants: {sorted(set(runs['variant']))}")
-    table = per_task(runs, baseline)
-    both = pd.concat([table, pooled(table)], ignore_index=True)
+    unknown = [b for b in baselines if b not in set(runs["variant"])]
+    if unknown:
+        raise ValueError(f"baseline(s) {unknown} not variants of {sweep}; variants: {sorted(set(runs['variant']))}")
+    parts = []
+    for b in baselines:
+        table = per_task(runs, b)
+        parts.append(pd.concat([table, pooled(table)], ignore_index=True).assign(baseline=b))
+    both = pd.concat(parts, ignore_index=True)
     both = both.merge(mean_ranks(runs), on=["fraction", "variant"], how="left")
     out = Path(results_dir) / profile / f"{sweep}_across_tasks.csv"
     both.to_csv(out, index=False)
     return both
 
 
-def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir: Path | None = None) -> list[Path]:
-    """A forest plot per fraction: each task's paired difference with its interval, and the pooled one."""
+def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir: Path | None = None,
+           suffix: str | None = None) -> list[Path]:
+    """A forest plot per fraction: each task's paired difference with its interval, and the pooled one
+    (``<sweep>_forest``, or ``<sweep>_forest_vs_<suffix>`` for a further baseline)."""
+    if "baseline" in table:
+        table = table[table["baseline"] == baseline]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +154,8 @@ def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir
         ax.set_yticks([-p for p, _ in labels], [name for _, name in labels])
     fig.suptitle(f"{profile}, {sweep}: paired differences per task and pooled (mean over tasks)")
     fig.tight_layout()
-    paths = [out_dir / f"{sweep}_forest.png", out_dir / f"{sweep}_forest.pdf"]
+    stem = f"{sweep}_forest" if suffix is None else f"{sweep}_forest_vs_{suffix}"
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
     for path in paths:
         fig.savefig(path, bbox_inches="tight", dpi=150, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
     plt.close(fig)
@@ -153,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.suite_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="suite")
     parser.add_argument("--sweep", default="sample_efficiency")
-    parser.add_argument("--baseline", default="lora")
+    parser.add_argument("--baseline", nargs="+", default=["lora"],
+                        help="one or more variants to compare with (the first names the plain file names)")
     parser.add_argument("--results", default=str(RESULTS_DIR))
     parser.add_argument("--figures", default=None, help="figure folder (default: figures/<profile>/)")
     args = parser.parse_args(argv)
@@ -162,12 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    paths = forest(table, args.profile, args.sweep, args.baseline, args.figures)
-    summary: Any = table[table["task"] == POOLED][["fraction", "variant", "n_tasks", "diff_mean", "ci_low", "ci_high",
-                                                   "wins", "ties", "losses", "mean_rank"]]
+    paths = []
+    for i, baseline in enumerate(args.baseline):
+        suffix = None if i == 0 else re.sub(r"[^a-z0-9]+", "_", baseline.lower()).strip("_")
+        paths += forest(table, args.profile, args.sweep, baseline, args.figures, suffix)
+    summary: Any = table[table["task"] == POOLED][["baseline", "fraction", "variant", "n_tasks", "diff_mean", "ci_low",
+                                                   "ci_high", "wins", "ties", "losses", "mean_rank"]]
     with pd.option_context("display.width", 160):
         print(summary.round(2).to_string(index=False))
-    print(f"-> {Path(args.results) / args.profile / (args.sweep + '_across_tasks.csv')}, {paths[0]}")
+    print(f"-> {Path(args.results) / args.profile / (args.sweep + '_across_tasks.csv')}, "
+          f"{', '.join(str(p) for p in paths if p.suffix == '.png')}")
     return 0
 
 

@@ -46,3 +46,17 @@ def test_mean_rank_over_tasks():
 def test_no_task_folder_is_a_clear_error(tmp_path, capsys):
     assert sr.main(["--profile", "suite", "--results", str(tmp_path)]) == 2
     assert "no task has a sample_efficiency folder" in capsys.readouterr().err
+
+
+def test_several_baselines_share_one_table_and_get_a_forest_plot_each(tmp_path):
+    runs = _runs()
+    runs = pd.concat([runs, runs[runs["variant"] == "lora"].assign(variant="dora", test_acc=lambda d: d["test_acc"] + 0.01)])
+    parts = [pd.concat([t, sr.pooled(t)]).assign(baseline=b) for b in ("lora", "dora") for t in [sr.per_task(runs, b)]]
+    table = pd.concat(parts, ignore_index=True)
+    doran_vs_dora = table[(table["baseline"] == "dora") & (table["variant"] == "doran")].set_index("task")
+    assert doran_vs_dora.loc["a", "diff_mean"] == pytest.approx(1.0)  # 2 points over lora, lora + 1 = dora
+    first = sr.forest(table, "p", "sample_efficiency", "lora", tmp_path)
+    second = sr.forest(table, "p", "sample_efficiency", "dora", tmp_path, suffix="dora")
+    assert [p.name for p in first] == ["sample_efficiency_forest.png", "sample_efficiency_forest.pdf"]
+    assert [p.name for p in second] == ["sample_efficiency_forest_vs_dora.png", "sample_efficiency_forest_vs_dora.pdf"]
+    assert first[0].read_bytes() != second[0].read_bytes()
