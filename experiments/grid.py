@@ -99,6 +99,12 @@ class SweepSpec:
     baseline: str | None = None
     description: str = ""
     defined: list[Variant] = field(default_factory=list)  # every variant of the file (``match`` targets)
+    #: a profile whose tuned files every task of this sweep reads (``profiles.<family>.tuned_from``)
+    tuned_from: str | None = None
+
+    def tuned_source(self, profile: Profile) -> str:
+        """The folder under the tuned directory whose files this sweep reads on ``profile``."""
+        return self.tuned_from or profile.tuned_from or profile.name
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -194,7 +200,8 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
                        "grid"), str(path))
     family = profile.family or profile.name
     section = (data.get("profiles") or {}).get(family) or {}
-    _check_keys(section, ("variants", "methods", "seeds", "fractions", "grid"), f"{path}: profiles.{family}")
+    _check_keys(section, ("variants", "methods", "seeds", "fractions", "grid", "tuned_from"),
+                f"{path}: profiles.{family}")
     if "variants" in data and "methods" in data:
         raise SweepError(f"{path}: give either variants or methods, not both")
     if "variants" in data:
@@ -234,6 +241,7 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
         fractions=[float(f) for f in section.get("fractions", data.get("fractions", [1.0]))],
         baseline=baseline,
         description=str(data.get("description", "")),
+        tuned_from=section.get("tuned_from"),
     )
 
 
@@ -454,7 +462,7 @@ def build_grid(
 
     def tuned_of(v: Variant) -> tuple[dict[str, Any], Path | None]:
         return (({}, None) if tuned_dir is None or v.tuned is None
-                else load_tuned(profile.tuned_from or profile.name, v.tuned, tuned_dir))
+                else load_tuned(spec.tuned_source(profile), v.tuned, tuned_dir))
 
     matched = {}  # label -> {"adapter.r": r, "adapter.alpha": alpha} of the variants with ``match``
     for v in chosen:

@@ -97,7 +97,7 @@ def sweep_main(args: argparse.Namespace) -> int:
         if tuned_dir is not None and untuned:
             msg = (
                 f"[sweep] {spec.name}: no tuned hyper-parameters for {untuned} under "
-                f"{tuned_dir / (profile.tuned_from or profile.name)}: those runs use the profile's defaults (`make tune` first)"
+                f"{tuned_dir / spec.tuned_source(profile)}: those runs use the profile's defaults (`make tune` first)"
             )
             if args.require_tuned:
                 raise SweepError(msg)
