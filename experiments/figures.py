@@ -9,7 +9,9 @@ profile, for each task's (``<results>/<profile>/<task>/<sweep>/``), in turn:
 - ``experiments.collect``: the CSV tables and ``results_table.md`` (``--readme`` only for the profile itself);
 - ``experiments.plots``: the figures of the sweeps it draws (sample efficiency, the tau and hypernetwork
   ablations), where one of them ran;
-- ``experiments.stability_report``: the stability study's tables, verdict and figures, where it ran.
+- ``experiments.stability_report``: the stability study's tables, verdict and figures, where it ran;
+- ``experiments.suite_report`` (a multi-task profile, once its tasks are done): the verdict across tasks and
+  its forest plots, against the baselines of ``ACROSS_TASKS``.
 
 Figures go to ``--out`` (a task's to ``<out>/<task>/``), else to each module's default folder
 (``figures/`` for the default profile, ``figures/<profile>[/<task>]/`` for the others).
@@ -18,12 +20,19 @@ Figures go to ``--out`` (a task's to ``<out>/<task>/``), else to each module's d
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from experiments.constants import RESULTS_DIR, SWEEP_FILE
+from experiments.constants import RESULTS_DIR, STABILITY_SWEEPS, SWEEP_FILE
 
-STABILITY = ("stability", "stability_precision", "stability_init")
+#: the baselines of the across-task report (``experiments.suite_report``) per sweep, where they ran
+ACROSS_TASKS = {
+    "sample_efficiency": ("lora", "dora", "doran, static factors"),
+    "params_matched": ("doran",),
+    "ablation_tau": ("static, tau=0, detached",),
+    "ablation_hypernet": ("static",),
+}
 
 
 def _sweeps(folder: Path) -> set[str]:
@@ -40,7 +49,7 @@ def units(profile: str, results_dir: Path = RESULTS_DIR) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments import collect, plots, stability_report
+    from experiments import collect, plots, stability_report, suite_report
 
     parser = argparse.ArgumentParser(prog="python -m experiments.figures", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="default")
@@ -64,8 +73,19 @@ def main(argv: list[str] | None = None) -> int:
         drawn = sweeps & {sweep for _, sweep, _ in plots.FIGURES.values()}
         if drawn and (rc := plots.main([*common, *(["--out", str(out)] if out is not None else [])])):
             return rc
-        stable = sweeps & set(STABILITY)
+        stable = sweeps & set(STABILITY_SWEEPS)
         if stable and (rc := stability_report.main([*common, *(["--figures", str(out)] if out is not None else [])])):
+            return rc
+    tasks = [unit for unit in found if unit != args.profile]
+    for sweep, baselines in ACROSS_TASKS.items():  # a multi-task profile: the verdict across its tasks
+        folders = [results / unit / sweep for unit in tasks if (results / unit / sweep / SWEEP_FILE).is_file()]
+        if not folders:
+            continue
+        variants = set().union(*(set(json.loads((f / SWEEP_FILE).read_text()).get("variants", [])) for f in folders))
+        present = [b for b in baselines if b in variants]
+        figures = ["--figures", args.out] if args.out is not None else []
+        if present and (rc := suite_report.main(["--profile", args.profile, "--results", str(results), "--sweep",
+                                                 sweep, "--baseline", *present, *figures])):
             return rc
     return 0
 
