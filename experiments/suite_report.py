@@ -132,7 +132,7 @@ def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir
     fractions = sorted(table["fraction"].unique())
     variants = list(dict.fromkeys(table["variant"]))
     tasks = [t for t in dict.fromkeys(table["task"]) if t != POOLED] + [POOLED]
-    fig, axes = plt.subplots(1, len(fractions), figsize=(4.2 * len(fractions), 0.45 * len(tasks) * len(variants) + 1.5),
+    fig, axes = plt.subplots(1, len(fractions), figsize=(max(7.0, 4.2 * len(fractions)), 0.45 * len(tasks) * len(variants) + 1.5),
                              sharey=True, squeeze=False)
     for ax, fraction in zip(axes[0], fractions):
         sub = table[table["fraction"] == fraction]
