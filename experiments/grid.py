@@ -15,7 +15,6 @@ content, and for the cost of each run (the progress bar's ETA).
 from __future__ import annotations
 
 import functools
-
 import json
 import math
 import os
@@ -224,7 +223,8 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
         variants = [v for v in variants if v.label in keep]
     variants = _expand(variants, section.get("grid", data.get("grid")) or {}, path)
     labels = [v.label for v in variants]
-    all_labels = {v.label for v in variants} | {v.label for v in [_variant(e, str(path)) for e in data.get("variants", [])]}
+    defined = [_variant(e, str(path)) for e in data.get("variants", [])]
+    all_labels = {v.label for v in [*variants, *defined]}
     for v in variants:
         if v.match is not None and v.match not in all_labels:
             raise SweepError(f"{path}: variant {v.label!r} matches {v.match!r}, which is not a variant label; "
@@ -236,7 +236,7 @@ def load_sweep(name: str | Path, profile: Profile) -> SweepSpec:
         name=str(data.get("name", path.stem)),
         path=path,
         variants=variants,
-        defined=[_variant(e, str(path)) for e in data.get("variants", [])],
+        defined=defined,
         seeds=[int(s) for s in section.get("seeds", data.get("seeds", profile.seeds))],
         fractions=[float(f) for f in section.get("fractions", data.get("fractions", [1.0]))],
         baseline=baseline,
@@ -393,13 +393,11 @@ def adapter_parameters(cfg: RunConfig) -> int:
     adapter settings on ``cfg``'s backbone."""
     import copy
 
-    import doran
+    from experiments.param_table import adapter_count
 
     m = cfg.model
     model = copy.deepcopy(_backbone(m.kind, m.name, json.dumps(m.kwargs or {}, sort_keys=True), m.tokenizer))
-    doran.inject(model, doran.AdapterConfig.preset(cfg.method, **cfg.adapter))
-    counts = doran.trainable_parameter_counts(model)
-    return counts["trainable"] - counts["other"]
+    return adapter_count(model, cfg.method, **cfg.adapter)
 
 
 def matching_rank(make: Callable[[dict[str, Any]], RunConfig], target: int, max_rank: int = 512) -> dict[str, Any]:

@@ -186,8 +186,8 @@ def build_backbone(
 
 
 def default_targets(kind: str, name: str = "") -> tuple[str, ...]:
-    """Adapter targets per backbone family: BERT's query/value, DINOv2's query and value projections (``dinov2_targets``), timm ViT's fused qkv
-    (its q and v slices)."""
+    """Adapter targets per backbone family: BERT's query/value, DINOv2's query and value projections
+    (``dinov2_targets``), timm ViT's fused qkv (its q and v slices)."""
     if kind == "text":
         return ("query", "value")
     return dinov2_targets() if name == DINOV2 else ("qkv",)
