@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local: this machine (--jobs, --gpus); submitit: one cluster job per run (--cluster-*)")
     parser.add_argument("--gpus", nargs="+", default=[], help="GPU indices; job i uses gpus[i %% len(gpus)]")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: the usable cores divided among --jobs)")
     parser.add_argument("--results", default=str(RESULTS_DIR), help="results root: <root>/<profile>/<sweep>/")
     parser.add_argument(
         "--tuned-dir", default=str(TUNED_DIR), help="tuned hyper-parameters: <dir>/<profile>/"

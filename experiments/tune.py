@@ -47,6 +47,7 @@ from experiments.grid import (
     profiles_for,
     tuned_path,
 )
+from experiments.runner import threads_per_job
 
 SPACE_FILE = SWEEP_DIR / "tune.yaml"
 
@@ -411,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         "--gpus", nargs="+", default=[], help="GPU indices, assigned round robin to the studies"
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per study (default: the usable cores divided among --jobs)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="run-config overrides")
     parser.add_argument(
         "--time-limit", type=float, default=None, help="start no trial after this many seconds"
@@ -422,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if args.threads is not None and args.threads < 1:
+        print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
     try:
         import optuna  # noqa: F401
     except ImportError:
@@ -458,6 +464,10 @@ def _tune_profile(args: argparse.Namespace, profile: Profile) -> int:
     if args.jobs > 1 or args.gpus:
         status = _parallel(args, methods, storage, profile)
     else:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         status, start = 0, time.monotonic()
         for method in methods:
             left = None if args.time_limit is None else max(0.0, args.time_limit - (time.monotonic() - start))
@@ -487,6 +497,9 @@ def _parallel(args: argparse.Namespace, methods: list[str], storage: str, profil
         "--device",
         args.device,
     ]
+    threads = threads_per_job(max(1, args.jobs), args.threads)
+    if threads:
+        passthrough += ["--threads", str(threads)]
     if args.trials is not None:
         passthrough += ["--trials", str(args.trials)]
     if args.time_limit is not None:

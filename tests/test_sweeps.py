@@ -544,3 +544,34 @@ def test_a_sweep_can_read_another_profile_s_tuned_files_for_every_task():
     assert points["lora"].cfg.train.lr == lora["train.lr"] and points["lora"].cfg.adapter["r"] == lora["adapter.r"]
     assert points["doran, static factors"].tuned == "experiments/configs/tuned/default/dora.yaml"
     assert points["doran, static factors"].cfg.adapter["factors"] == "static"
+
+
+def test_threads_per_job_divides_the_cores_among_concurrent_runs(monkeypatch):
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 16)
+    assert runner.threads_per_job(1) is None  # one run: torch's default
+    assert runner.threads_per_job(4) == 4
+    assert runner.threads_per_job(12) == 1
+    assert runner.threads_per_job(40) == 1  # never 0
+    assert runner.threads_per_job(4, threads=3) == 3  # an explicit --threads wins
+
+
+def test_tune_passes_a_thread_count_to_each_study(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(tune, "threads_per_job", runner.threads_per_job)
+    seen = []
+
+    class Proc:
+        returncode = 0
+
+        def __init__(self, cmd, **_):
+            seen.append(cmd)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(tune.subprocess, "Popen", Proc)
+    args = tune.main.__globals__["argparse"].Namespace(
+        profile="smoke", storage="sqlite://", results=str(tmp_path), tuned_dir=str(tmp_path), device="cpu",
+        trials=None, time_limit=None, set=[], jobs=2, gpus=[], threads=None)
+    assert tune._parallel(args, ["lora", "doran"], "sqlite://", grid.load_profile("smoke")) == 0
+    assert len(seen) == 2 and all(cmd[cmd.index("--threads") + 1] == "4" for cmd in seen)

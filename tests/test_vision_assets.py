@@ -221,3 +221,25 @@ def test_array_dataset_items(tasks):
     assert torch.allclose(same["pixel_values"][1], (pixels - 0.5) / 0.25, atol=1e-6)
     assert torch.isfinite(imagesuite.ArrayImageDataset(splits.val, 56, (0.5,) * 3, (0.5,) * 3, augment=True)[0][
         "pixel_values"]).all()  # fmt: skip
+
+
+def test_array_dataset_resizes_once_and_reads_the_same_values(tasks):
+    splits, _ = tasks["elpv_defect"]
+    ds = imagesuite.ArrayImageDataset(splits.val, 112, dinov2.IMAGE_MEAN, dinov2.IMAGE_STD)
+    first = ds[5]["pixel_values"]
+    kept = ds._resized[5]
+    again = ds[5]["pixel_values"]
+    assert ds._resized[5] is kept and kept.shape == (1, 112, 112)  # resized once, read back
+    x = torch.from_numpy(splits.val.inputs[5].astype(np.float64) / 255)[None, None]
+    ref = torch.nn.functional.interpolate(x, size=(112, 112), mode="bicubic", align_corners=False,
+                                          antialias=x.shape[-1] > 112).clamp(0, 1)[0, 0]  # float64 reference
+    mean = torch.tensor(dinov2.IMAGE_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(dinov2.IMAGE_STD, dtype=torch.float64).view(3, 1, 1)
+    assert torch.allclose(first.double(), (ref - mean) / std, atol=1e-5)
+    assert torch.equal(first, again)
+    again.add_(1.0)  # a caller that writes into an item does not change the kept image
+    assert torch.equal(ds[5]["pixel_values"], first)
+    crops = imagesuite.ArrayImageDataset(splits.val, 56, (0.5,) * 3, (0.5,) * 3, augment=True)
+    torch.manual_seed(0)
+    a = crops[0]["pixel_values"]
+    assert crops._resized[0] is None and not torch.equal(a, crops[0]["pixel_values"])  # fresh crop each read

@@ -20,7 +20,8 @@ class ArrayImageDataset(Dataset):
     clamped to [0, 1]), repeated over 3 channels and normalised with ``mean``/``std`` (DINOv2's are
     ImageNet's: ``doran.assets.dinov2.IMAGE_MEAN``/``IMAGE_STD``). Items are ``{"pixel_values", "labels", "index"}``
     like ``doran.data.ImageDataset``'s. ``augment=True`` adds a random resized crop (scale 0.85..1, aspect
-    0.9..1.1) drawn from torch's global generator; no flips (they change a digit's class).
+    0.9..1.1) drawn from torch's global generator; no flips (they change a digit's class). Without
+    augmentation each image is resized once and kept (float32, one channel): every epoch reads it back.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class ArrayImageDataset(Dataset):
         self.size, self.augment = int(image_size), bool(augment)
         self.mean = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
         self.std = torch.tensor([float(s) for s in std]).view(3, 1, 1)
+        self._resized: list[torch.Tensor | None] = [None] * len(self.labels)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,7 +58,7 @@ class ArrayImageDataset(Dataset):
         left = int(torch.randint(0, w - cw + 1, (1,)))
         return x[..., top : top + ch, left : left + cw]
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def _resize(self, i: int) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(self.images[i])).float().div_(255.0)[None, None]
         if self.augment:
             x = self._crop(x)
@@ -64,5 +66,14 @@ class ArrayImageDataset(Dataset):
             shrink = x.shape[-1] > self.size or x.shape[-2] > self.size
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic",
                                                 align_corners=False, antialias=shrink).clamp_(0.0, 1.0)  # fmt: skip
-        pixels = (x[0].expand(3, -1, -1) - self.mean) / self.std
+        return x[0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.augment:
+            x = self._resize(i)
+        else:
+            x = self._resized[i]
+            if x is None:
+                x = self._resized[i] = self._resize(i)
+        pixels = (x.expand(3, -1, -1) - self.mean) / self.std
         return {"pixel_values": pixels, "labels": int(self.labels[i]), "index": i}
