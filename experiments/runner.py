@@ -111,11 +111,15 @@ def record_error(
 
 
 def find_finished(point: Point, results_dir: Path) -> Path | None:
-    """A completed result with ``point.run_id`` in another sweep folder of the same profile, if any."""
+    """A completed result with ``point.run_id`` in another sweep folder of the same profile (and task), if any.
+
+    The sweep folders of a profile are the siblings of ``point.out``: ``<results>/<profile>/<sweep>``, or
+    ``<results>/<profile>/<task>/<sweep>`` for a multi-task profile.
+    """
     from doran.results import find_result, read_json
 
-    profile_dir = Path(results_dir) / point.out.parent.name
-    for folder in sorted(p for p in profile_dir.glob("*") if p.is_dir() and p != point.out):
+    profile_dir = Path(point.out).parent
+    for folder in sorted(p for p in profile_dir.glob("*") if p.is_dir() and p != Path(point.out)):
         candidate = find_result(folder, point.run_id)
         if candidate is None:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import shutil
@@ -326,6 +327,19 @@ def test_identical_runs_of_another_sweep_are_reused_not_rerun(smoke, tmp_path, m
     moved = grid.build_grid(spec, profile, results_dir=results, tuned_dir=smoke["tuned"].parent)
     outcome = runner.run_points(moved, results_dir=results, progress=False)
     assert outcome.reused == len(points) and {p.run_id for p in moved} == {p.run_id for p in points}
+
+
+def test_a_multi_task_profile_reuses_the_runs_of_its_own_task_only(tmp_path):
+    # <results>/<profile>/<task>/<sweep>: the sibling sweep of the same task has the run, another task's does not
+    task = tmp_path / "suite" / "trec6"
+    for folder, status in ((task / "sample_efficiency", "completed"), (task / "broken", "error"),
+                           (tmp_path / "suite" / "sarcasm" / "sample_efficiency", "completed")):  # fmt: skip
+        folder.mkdir(parents=True)
+        results.result_path(folder, "lora-s2-f0.1-abc").write_bytes(gzip.compress(json.dumps({"status": status}).encode()))
+    point = type("P", (), {"out": task / "params_matched", "run_id": "lora-s2-f0.1-abc"})()
+    assert runner.find_finished(point, tmp_path) == results.result_path(task / "sample_efficiency", "lora-s2-f0.1-abc")
+    other = type("P", (), {"out": tmp_path / "suite" / "boolq" / "params_matched", "run_id": "lora-s2-f0.1-abc"})()
+    assert runner.find_finished(other, tmp_path) is None
 
 
 # ----------------------------------------------------------------------------------------------- statistics
