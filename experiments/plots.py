@@ -74,6 +74,10 @@ def method_color(method: str) -> tuple:
 
 
 def label(method: str) -> str:
+    """A method's display name; a variant "<method>, <tag>" keeps its tag ("DoRAN, static factors")."""
+    head, sep, tag = method.partition(", ")
+    if method not in METHOD_LABELS and sep and head in METHOD_LABELS:
+        return f"{METHOD_LABELS[head]}, {tag}"
     return METHOD_LABELS.get(method, method)
 
 
@@ -118,15 +122,18 @@ def _completed(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def fig_sample_efficiency(csv: Path, out: Path, baseline: str = "lora") -> list[Path]:
-    """Test accuracy against the fraction of training data (log axis), mean and 95% interval per method."""
+    """Test accuracy against the fraction of training data (log axis), mean and 95% interval per variant."""
     runs = pd.read_csv(csv)
     ok = _completed(runs)
+    if "variant" not in ok:
+        ok = ok.assign(variant=ok["method"])
     fig, ax = plt.subplots(figsize=(8.4, 4.6))
-    methods = method_order(ok["method"].unique())
+    variants = method_order(ok["variant"].unique())  # one line per variant: "doran, static factors" is not DoRAN
     fractions = sorted(ok["fraction"].unique())
-    n = len(methods)
-    for i, m in enumerate(methods):
-        g = ok[ok["method"] == m]
+    n = len(variants)
+    for i, v in enumerate(variants):
+        g = ok[ok["variant"] == v]
+        tagged = v != g["method"].iloc[0]  # a method at other settings: dashed, hollow markers
         stats = [
             (f, *_mean_ci(g[g["fraction"] == f]["test_acc"] * 100))
             for f in fractions
@@ -142,14 +149,16 @@ def fig_sample_efficiency(csv: Path, out: Path, baseline: str = "lora") -> list[
             yerr=[[s[2] for s in stats], [s[3] for s in stats]],
             marker="o",
             ms=5,
+            mfc="white" if tagged else None,
+            ls="--" if tagged else "-",
             capsize=3,
-            lw=1.8 if m in ("doran", baseline) else 1.2,
-            color=method_color(m),
-            label=label(m),
-            zorder=3 if m == "doran" else 2,
+            lw=1.8 if v in ("doran", baseline) else 1.2,
+            color=method_color(v),
+            label=label(v),
+            zorder=3 if v == "doran" else 2,
         )
-        ax.scatter(g["fraction"] * dodge, g["test_acc"] * 100, s=8, color=method_color(m), alpha=0.25, lw=0)
-    base = ok[(ok["method"] == baseline) & (ok["fraction"] == max(fractions))]["test_acc"]
+        ax.scatter(g["fraction"] * dodge, g["test_acc"] * 100, s=8, color=method_color(v), alpha=0.25, lw=0)
+    base = ok[(ok["variant"] == baseline) & (ok["fraction"] == max(fractions))]["test_acc"]
     if len(base):
         ax.axhline(
             base.mean() * 100,

@@ -1,0 +1,42 @@
+"""The sample-efficiency figure draws one line per variant, not per method."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from experiments import plots  # noqa: E402
+
+
+def test_two_variants_of_one_method_are_two_lines(tmp_path, monkeypatch):
+    rows = [
+        {"variant": v, "method": m, "fraction": f, "seed": s, "status": "completed", "test_acc": acc + 0.01 * s,
+         "majority_acc": 0.1, "device": "cpu"}
+        for v, m, acc in (("lora", "lora", 0.9), ("doran", "doran", 0.8), ("doran, static factors", "doran", 0.2))
+        for f in (0.1, 1.0)
+        for s in range(3)
+    ]
+    csv = tmp_path / "runs.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    drawn = {}
+    real_save = plots.save
+
+    def keep(fig, out, name):
+        ax = fig.axes[0]
+        drawn.update({c.get_label(): c for c in ax.containers})  # errorbar containers, by label
+        return real_save(fig, out, name)
+
+    monkeypatch.setattr(plots, "save", keep)
+    plots.fig_sample_efficiency(csv, tmp_path)
+    labels = {plots.label(v) for v in ("lora", "doran", "doran, static factors")}
+    assert labels <= set(drawn)
+    ys = {k: list(c.lines[0].get_ydata()) for k, c in drawn.items() if k in labels}
+    assert ys[plots.label("doran")] == pytest.approx([81.0, 81.0])  # DoRAN's own runs, not mixed with the other
+    assert ys[plots.label("doran, static factors")] == pytest.approx([21.0, 21.0])
+    assert drawn[plots.label("doran, static factors")].lines[0].get_linestyle() == "--"
+    plt.close("all")
