@@ -6,11 +6,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
 
-from experiments import plots  # noqa: E402
+from experiments import plots
 
 
 def test_two_variants_of_one_method_are_two_lines(tmp_path, monkeypatch):
