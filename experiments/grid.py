@@ -98,7 +98,8 @@ class SweepSpec:
     baseline: str | None = None
     description: str = ""
     defined: list[Variant] = field(default_factory=list)  # every variant of the file (``match`` targets)
-    #: a profile whose tuned files every task of this sweep reads (``profiles.<family>.tuned_from``)
+    #: a profile whose tuned files every task of this sweep reads (``profiles.<family>.tuned_from``);
+    #: ``"none"``: no tuned files, every variant at the profile's own values
     tuned_from: str | None = None
 
     def tuned_source(self, profile: Profile) -> str:
@@ -262,6 +263,10 @@ def _expand(variants: list[Variant], axes: dict[str, Any], path: Path) -> list[V
 # ---------------------------------------------------------------------------------------------------------
 # Tuned hyper-parameters
 # ---------------------------------------------------------------------------------------------------------
+
+
+#: ``tuned_from`` of a sweep's profile section that reads no tuned file (a study run at the profile's values)
+UNTUNED = "none"
 
 
 def tuned_path(profile: str, method: str, tuned_dir: Path = TUNED_DIR) -> Path:
@@ -459,7 +464,7 @@ def build_grid(
     by_label = {v.label: v for v in [*spec.defined, *spec.variants]}
 
     def tuned_of(v: Variant) -> tuple[dict[str, Any], Path | None]:
-        return (({}, None) if tuned_dir is None or v.tuned is None
+        return (({}, None) if tuned_dir is None or v.tuned is None or spec.tuned_from == UNTUNED
                 else load_tuned(spec.tuned_source(profile), v.tuned, tuned_dir))
 
     matched = {}  # label -> {"adapter.r": r, "adapter.alpha": alpha} of the variants with ``match``

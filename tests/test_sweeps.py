@@ -329,6 +329,17 @@ def test_identical_runs_of_another_sweep_are_reused_not_rerun(smoke, tmp_path, m
     assert outcome.reused == len(points) and {p.run_id for p in moved} == {p.run_id for p in points}
 
 
+def test_a_sweep_section_with_tuned_from_none_reads_no_tuned_file(smoke):
+    profile = grid.load_profile("smoke")
+    spec = grid.load_sweep("sample_efficiency", profile)
+    tuned = grid.build_grid(spec, profile, results_dir=smoke["results"], tuned_dir=smoke["tuned"].parent)
+    assert all(p.tuned is not None for p in tuned)  # the smoke study reads its tuned files ...
+    spec.tuned_from = grid.UNTUNED
+    plain = grid.build_grid(spec, profile, results_dir=smoke["results"], tuned_dir=smoke["tuned"].parent)
+    assert all(p.tuned is None for p in plain)  # ... and with `tuned_from: none` runs at the profile's values
+    assert {p.run_id for p in plain}.isdisjoint(p.run_id for p in tuned)
+
+
 def test_a_multi_task_profile_reuses_the_runs_of_its_own_task_only(tmp_path):
     # <results>/<profile>/<task>/<sweep>: the sibling sweep of the same task has the run, another task's does not
     task = tmp_path / "suite" / "trec6"
