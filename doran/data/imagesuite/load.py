@@ -36,7 +36,7 @@ def _dataset(dataset: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str,
                 ) from None
             _MEMO[key] = (images, annotations, None)
     images, annotations, manifest = _MEMO[key]
-    return images, annotations, manifest, (f"export {folder}" if folder else "archive")
+    return images, annotations, manifest, ("export" if folder else "archive")  # no machine path in results
 
 
 def load_task(name: str, image_size: int | None = None) -> tuple[Splits, dict[str, Any]]:
