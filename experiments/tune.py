@@ -482,6 +482,11 @@ def _tune_profile(args: argparse.Namespace, profile: Profile) -> int:
 
 def _parallel(args: argparse.Namespace, methods: list[str], storage: str, profile: Profile) -> int:
     """One subprocess per method, ``--jobs`` at a time, GPUs round robin."""
+    import optuna
+
+    # create the storage's tables here, once: studies that create a fresh SQLite file at the same moment race on
+    # its schema version (``UNIQUE constraint failed: alembic_version``) and the losers die before any trial
+    optuna.storages.get_storage(storage)
     queue, running, status = list(methods), {}, 0
     task = profile.name.split("/", 1)[1] if "/" in profile.name else None
     passthrough = [

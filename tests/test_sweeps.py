@@ -598,5 +598,11 @@ def test_tune_passes_a_thread_count_to_each_study(monkeypatch, tmp_path):
     args = tune.main.__globals__["argparse"].Namespace(
         profile="smoke", storage="sqlite://", results=str(tmp_path), tuned_dir=str(tmp_path), device="cpu",
         trials=None, time_limit=None, set=[], jobs=2, gpus=[], threads=None)
-    assert tune._parallel(args, ["lora", "doran"], "sqlite://", grid.load_profile("smoke")) == 0
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert tune._parallel(args, ["lora", "doran"], storage, grid.load_profile("smoke")) == 0
     assert len(seen) == 2 and all(cmd[cmd.index("--threads") + 1] == "4" for cmd in seen)
+    # the parent created the storage's schema before any study started (concurrent creation races)
+    import sqlite3
+
+    tables = {r[0] for r in sqlite3.connect(tmp_path / "optuna.db").execute("select name from sqlite_master")}
+    assert {"studies", "trials", "alembic_version"} <= tables
