@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import math
@@ -581,8 +582,7 @@ def test_threads_per_job_divides_the_cores_among_concurrent_runs(monkeypatch):
 
 
 def test_tune_passes_a_thread_count_to_each_study(monkeypatch, tmp_path):
-    monkeypatch.setattr(runner, "usable_cpus", lambda: 8)
-    monkeypatch.setattr(tune, "threads_per_job", runner.threads_per_job)
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 8)  # tune's threads_per_job is runner's
     seen = []
 
     class Proc:
@@ -595,7 +595,7 @@ def test_tune_passes_a_thread_count_to_each_study(monkeypatch, tmp_path):
             return 0
 
     monkeypatch.setattr(tune.subprocess, "Popen", Proc)
-    args = tune.main.__globals__["argparse"].Namespace(
+    args = argparse.Namespace(
         profile="smoke", storage="sqlite://", results=str(tmp_path), tuned_dir=str(tmp_path), device="cpu",
         trials=None, time_limit=None, set=[], jobs=2, gpus=[], threads=None)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
