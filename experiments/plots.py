@@ -107,8 +107,18 @@ def _note(fig: plt.Figure, runs: pd.DataFrame) -> None:
     fig.text(0.99, 0.005, text, ha="right", va="bottom", fontsize=7, color="0.4")
 
 
-def _mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+#: the range of an accuracy in percent: its intervals are drawn clipped to it
+ACC_BOUNDS = (0.0, 100.0)
+
+
+def _mean_ci(
+    values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> tuple[float, float, float]:
+    """Mean and the distances from it to the ends of the 95% t-interval (errorbar's ``yerr``), the ends clipped
+    to ``bounds``: an accuracy interval stops at 0 and 100% (a t-interval over seeds with one collapsed run
+    would otherwise reach past them)."""
     mean, low, high = t_interval(values)
+    low, high = max(low, bounds[0]), min(high, bounds[1])
     return mean, (mean - low) if np.isfinite(low) else 0.0, (high - mean) if np.isfinite(high) else 0.0
 
 
@@ -135,7 +145,7 @@ def fig_sample_efficiency(csv: Path, out: Path, baseline: str = "lora") -> list[
         g = ok[ok["variant"] == v]
         tagged = v != g["method"].iloc[0]  # a method at other settings: dashed, hollow markers
         stats = [
-            (f, *_mean_ci(g[g["fraction"] == f]["test_acc"] * 100))
+            (f, *_mean_ci(g[g["fraction"] == f]["test_acc"] * 100, ACC_BOUNDS))
             for f in fractions
             if (g["fraction"] == f).any()
         ]
@@ -271,7 +281,7 @@ def fig_ablation_tau(csv: Path, out: Path) -> list[Path]:
             g = ok[(ok["tag_factors"] == fac) & (ok["tag_tau"] == tau) & (ok["tag_norm"] == norm)]
             if g.empty:
                 continue
-            mean, lo, hi = _mean_ci(g["test_acc"] * 100)
+            mean, lo, hi = _mean_ci(g["test_acc"] * 100, ACC_BOUNDS)
             ax.errorbar(
                 i + off,
                 mean,
@@ -303,7 +313,7 @@ def fig_ablation_tau(csv: Path, out: Path) -> list[Path]:
     ax.set_xlabel("τ added to the row norm (relative to the mean row norm of W0)")
     ax.set_ylabel("test accuracy (%)")
     frac = ok["fraction"].max() if len(ok) else math.nan
-    ax.set_title(f"Tau ablation, {frac:.0%} of the training data\n(seeds as dots; mean and 95% t-interval)")
+    ax.set_title(f"Tau ablation, {frac:.0%} of the training data\n(seeds as dots; mean and 95% t-interval, clipped to 0-100%)")
     _note(fig, runs)
     return save(fig, out, "ablation_tau_accuracy")
 
@@ -438,7 +448,7 @@ def fig_hypernet(csv: Path, out: Path) -> list[Path]:
         g = ok[ok["variant"] == v]
         if g.empty:
             continue
-        mean, lo, hi = _mean_ci(g["test_acc"] * 100)
+        mean, lo, hi = _mean_ci(g["test_acc"] * 100, ACC_BOUNDS)
         ax.errorbar(i, mean, yerr=[[lo], [hi]], fmt="o", ms=7, capsize=4, color=colors[v], zorder=3)
         ax.scatter(
             i + np.linspace(-0.08, 0.08, len(g)), g["test_acc"] * 100, s=12, color=colors[v], alpha=0.35, lw=0
@@ -477,7 +487,7 @@ def fig_params_matched(csv: Path, out: Path) -> list[Path]:
             continue
         method = str(g["method"].iloc[0])
         matched = variant != method
-        mean, lo, hi = _mean_ci(g["test_acc"] * 100)
+        mean, lo, hi = _mean_ci(g["test_acc"] * 100, ACC_BOUNDS)
         ax.errorbar(g["params_adapter"].median(), mean, yerr=[[lo], [hi]], fmt="s" if matched else "o", ms=8,
                     capsize=4, color=method_color(method), mfc="white" if matched else method_color(method),
                     mew=1.6, label=f"{label(method)}, {'rank matched to DoRAN' if matched else 'tuned rank'}",

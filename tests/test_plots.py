@@ -1,4 +1,4 @@
-"""The sample-efficiency figure draws one line per variant, not per method."""
+"""The figures: one line per variant in the sample-efficiency figure; accuracy intervals within 0-100%."""
 
 from __future__ import annotations
 
@@ -40,3 +40,15 @@ def test_two_variants_of_one_method_are_two_lines(tmp_path, monkeypatch):
     assert ys[plots.label("doran, static factors")] == pytest.approx([21.0, 21.0])
     assert drawn[plots.label("doran, static factors")].lines[0].get_linestyle() == "--"
     plt.close("all")
+
+
+def test_accuracy_intervals_stop_at_0_and_100():
+    collapsed = [98.0, 12.0, 97.0]  # one seed of three at chance: the t-interval reaches past 100 and below 0
+    mean, below, above = plots._mean_ci(collapsed)
+    assert mean + above > 100 and mean - below < 0
+    mean_c, below_c, above_c = plots._mean_ci(collapsed, plots.ACC_BOUNDS)
+    assert mean_c == pytest.approx(mean)
+    assert mean_c + above_c == pytest.approx(100.0)
+    assert mean_c - below_c == pytest.approx(0.0)
+    tight = [80.0, 81.0, 82.0]  # an interval inside the bounds is left as it is
+    assert plots._mean_ci(tight, plots.ACC_BOUNDS) == pytest.approx(plots._mean_ci(tight))
