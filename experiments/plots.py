@@ -313,7 +313,9 @@ def fig_ablation_tau(csv: Path, out: Path) -> list[Path]:
     ax.set_xlabel("τ added to the row norm (relative to the mean row norm of W0)")
     ax.set_ylabel("test accuracy (%)")
     frac = ok["fraction"].max() if len(ok) else math.nan
-    ax.set_title(f"Tau ablation, {frac:.0%} of the training data\n(seeds as dots; mean and 95% t-interval, clipped to 0-100%)")
+    ax.set_title(
+        f"Tau ablation, {frac:.0%} of the training data\n(seeds as dots; mean and 95% t-interval, clipped to 0-100%)"
+    )
     _note(fig, runs)
     return save(fig, out, "ablation_tau_accuracy")
 
