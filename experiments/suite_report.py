@@ -9,9 +9,19 @@ head initialisation and batch order) and writes ``<results>/<profile>/<sweep>_ac
 
 - per task: the mean paired difference (percentage points) with its 95% t-interval over seeds, and the
   task's outcome: a win where the interval lies above 0, a loss where it lies below, a tie otherwise;
-- pooled (``task = "pooled"``): the mean over tasks of the per-task mean differences, with a 95% t-interval
-  over tasks (tasks are the units: a random-effects view in its simplest form, which does not let a task
-  with many seeds dominate), and the counts of wins, ties and losses;
+- pooled (``task = "pooled"``): the mean over tasks of the per-task mean differences, with two 95% intervals
+  around it and the counts of wins, ties and losses:
+
+  - ``ci_low``, ``ci_high``: a t-interval over tasks (tasks are the units: a random-effects view in its
+    simplest form, which does not let a task with many seeds dominate). It speaks of tasks like these; more
+    seeds narrow it only down to the spread between tasks, more tasks narrow it further;
+  - ``ci_low_seeds``, ``ci_high_seeds``: the same mean with only the seed-to-seed noise of each task (the
+    variance of the mean of k task means, sum(sd_i^2 / n_i) / k^2, Welch-Satterthwaite degrees of freedom). It
+    speaks of these tasks, and more seeds narrow it as far as one likes;
+  - ``target``: the resolution asked of a pooled interval at that fraction (``RESOLUTION``: +-0.5 points at
+    100% of the data, +-1 at 10%), ``meets_target`` and ``meets_target_seeds`` whether each interval's half
+    width is within it, and ``seeds_for_target``: the seeds per task (the same for every task) at which the
+    seeds-only interval would meet it, from the standard deviations measured so far;
 - the mean rank of each variant (1 = the best mean accuracy on a task), averaged over tasks.
 
 and a forest plot ``figures/<profile>/<sweep>_forest.png`` (and ``.pdf``) per fraction: every task's interval
@@ -28,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from experiments.collect import collect_sweep, t_interval
@@ -35,6 +46,9 @@ from experiments.constants import RESULTS_DIR, SWEEP_FILE
 from experiments.plots import default_out
 
 POOLED = "pooled"
+
+#: the half width (points) asked of a pooled interval, per data fraction; no target at other fractions
+RESOLUTION = {1.0: 0.5, 0.1: 1.0}
 
 
 def task_folders(profile: str, sweep: str, results_dir: Path = RESULTS_DIR) -> dict[str, Path]:
@@ -56,23 +70,65 @@ def per_task(runs: pd.DataFrame, baseline: str, metric: str = "test_acc") -> pd.
             seeds = sorted(set(mine.index) & set(base.index))
             diffs = [100 * (float(mine[s]) - float(base[s])) for s in seeds]
             mean, low, high = t_interval(diffs)
+            sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
             outcome = "win" if low > 0 else "loss" if high < 0 else "tie"
             rows.append({"task": task, "fraction": fraction, "variant": variant, "n_seeds": len(seeds),
-                         "diff_mean": mean, "ci_low": low, "ci_high": high,
+                         "diff_mean": mean, "diff_sd": sd, "ci_low": low, "ci_high": high,
                          "outcome": outcome if len(seeds) > 1 else "undetermined"})
     return pd.DataFrame(rows)
 
 
+def seeds_half_width(sds: Sequence[float], ns: Sequence[int], level: float = 0.95) -> float:
+    """Half width of the interval for the mean of k task means when only seeds vary: each task ``i`` has ``ns[i]``
+    paired differences with standard deviation ``sds[i]``; variance sum(sd_i^2 / n_i) / k^2, Student t with
+    Welch-Satterthwaite degrees of freedom. NaN if a task has fewer than 2 seeds.
+
+    >>> round(seeds_half_width([1.0, 1.0], [5, 5]), 3)  # sqrt(2/5)/2 * t(8)
+    0.729
+    """
+    from scipy import stats
+
+    sds, ns = np.asarray(sds, dtype=float), np.asarray(ns, dtype=float)
+    if len(sds) == 0 or (ns < 2).any() or not np.isfinite(sds).all():
+        return math.nan
+    v = sds**2 / ns
+    if v.sum() == 0:
+        return 0.0
+    df = v.sum() ** 2 / (v**2 / (ns - 1)).sum()
+    return float(stats.t.ppf(0.5 + level / 2, df) * math.sqrt(v.sum()) / len(sds))
+
+
+def seeds_for_half_width(sds: Sequence[float], target: float, most: int = 1000) -> float:
+    """The fewest seeds per task (the same for every task) at which :func:`seeds_half_width` is within ``target``,
+    given each task's standard deviation of paired differences; NaN if more than ``most`` would be needed."""
+    sds = [float(s) for s in sds]
+    if not sds or not all(np.isfinite(sds)):
+        return math.nan
+    for n in range(2, most + 1):
+        if seeds_half_width(sds, [n] * len(sds)) <= target:
+            return n
+    return math.nan
+
+
 def pooled(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (fraction, variant): the mean of the per-task mean differences, its 95% t-interval over tasks, and
-    wins / ties / losses over tasks."""
+    """Per (fraction, variant): the mean of the per-task mean differences, its 95% t-interval over tasks and its
+    seeds-only interval, whether each meets the resolution target, and wins / ties / losses over tasks
+    (module docstring)."""
     rows = []
     for (fraction, variant), g in table.groupby(["fraction", "variant"], sort=False):
         mean, low, high = t_interval(g["diff_mean"].tolist())
+        sds = g["diff_sd"].tolist() if "diff_sd" in g else [math.nan] * len(g)
+        half_seeds = seeds_half_width(sds, g["n_seeds"].astype(int).tolist())
+        target = RESOLUTION.get(round(float(fraction), 6), math.nan)
         counts = g["outcome"].value_counts()
         rows.append({"task": POOLED, "fraction": fraction, "variant": variant, "n_tasks": len(g),
-                     "diff_mean": mean, "ci_low": low, "ci_high": high, "wins": int(counts.get("win", 0)),
-                     "ties": int(counts.get("tie", 0)), "losses": int(counts.get("loss", 0))})
+                     "diff_mean": mean, "ci_low": low, "ci_high": high,
+                     "ci_low_seeds": mean - half_seeds, "ci_high_seeds": mean + half_seeds,
+                     "wins": int(counts.get("win", 0)), "ties": int(counts.get("tie", 0)),
+                     "losses": int(counts.get("loss", 0)), "target": target,
+                     "meets_target": bool((high - low) / 2 <= target) if np.isfinite(target) else None,
+                     "meets_target_seeds": bool(half_seeds <= target) if np.isfinite(target) else None,
+                     "seeds_for_target": seeds_for_half_width(sds, target) if np.isfinite(target) else math.nan})
     return pd.DataFrame(rows)
 
 
@@ -145,14 +201,18 @@ def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir
                 r = row.iloc[0]
                 err = [[r["diff_mean"] - r["ci_low"]], [r["ci_high"] - r["diff_mean"]]] if not math.isnan(r["ci_low"]) else None
                 ax.errorbar(r["diff_mean"], -y, xerr=err, fmt="D" if task == POOLED else "o", color=f"C{i}",
-                            capsize=3, ms=6 if task == POOLED else 4)
+                            capsize=3, ms=6 if task == POOLED else 4, zorder=3)
+                if task == POOLED and np.isfinite(r.get("ci_low_seeds", math.nan)):  # seed noise only: a band
+                    ax.plot([r["ci_low_seeds"], r["ci_high_seeds"]], [-y, -y], color=f"C{i}", lw=6, alpha=0.35,
+                            solid_capstyle="butt", zorder=2)
                 labels.append((y, f"{task}: {variant}" if len(variants) > 1 else task))
                 y += 1
             y += 0.5
         ax.axvline(0, color="0.3", lw=1)
         ax.set(title=f"{fraction:.0%} of the training data", xlabel=f"accuracy - {baseline} (points, 95% CI)")
         ax.set_yticks([-p for p, _ in labels], [name for _, name in labels])
-    fig.suptitle(f"{profile}, {sweep}: paired differences per task and pooled (mean over tasks)")
+    fig.suptitle(f"{profile}, {sweep}: paired differences per task and pooled\n(pooled = mean over tasks; "
+                 f"whiskers: 95% interval over tasks; band: seed noise only)")
     fig.tight_layout()
     stem = f"{sweep}_forest" if suffix is None else f"{sweep}_forest_vs_{suffix}"
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
@@ -181,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         suffix = None if i == 0 else re.sub(r"[^a-z0-9]+", "_", baseline.lower()).strip("_")
         paths += forest(table, args.profile, args.sweep, baseline, args.figures, suffix)
     summary: Any = table[table["task"] == POOLED][["baseline", "fraction", "variant", "n_tasks", "diff_mean", "ci_low",
-                                                   "ci_high", "wins", "ties", "losses", "mean_rank"]]
+                                                   "ci_high", "ci_low_seeds", "ci_high_seeds", "wins", "ties",
+                                                   "losses", "mean_rank", "meets_target", "meets_target_seeds",
+                                                   "seeds_for_target"]]
     with pd.option_context("display.width", 160):
         print(summary.round(2).to_string(index=False))
     print(f"-> {Path(args.results) / args.profile / (args.sweep + '_across_tasks.csv')}, "

@@ -1,9 +1,14 @@
-"""The across-task verdict: per-task paired differences, the pooled mean over tasks, wins/ties/losses, ranks."""
+"""The across-task verdict: per-task paired differences, the pooled mean over tasks with its two intervals, the
+resolution target and the seeds that would meet it, wins/ties/losses, ranks."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from experiments import suite_report as sr
 
@@ -60,3 +65,37 @@ def test_several_baselines_share_one_table_and_get_a_forest_plot_each(tmp_path):
     assert [p.name for p in first] == ["sample_efficiency_forest.png", "sample_efficiency_forest.pdf"]
     assert [p.name for p in second] == ["sample_efficiency_forest_vs_dora.png", "sample_efficiency_forest_vs_dora.pdf"]
     assert first[0].read_bytes() != second[0].read_bytes()
+
+
+def test_pooled_seeds_only_interval_is_the_noise_of_the_task_means():
+    table = sr.per_task(_runs(), "lora")
+    pooled = sr.pooled(table).iloc[0]
+    sds = [float(np.std(100 * np.asarray(d), ddof=1)) for d in ([0.02] * 3, [-0.01, -0.011, -0.009], [0.01, -0.01, 0.01])]
+    assert table.set_index("task")["diff_sd"].tolist() == pytest.approx(sds)
+    v = np.asarray(sds) ** 2 / 3
+    df = v.sum() ** 2 / (v**2 / 2).sum()  # Welch-Satterthwaite
+    half = stats.t.ppf(0.975, df) * math.sqrt(v.sum()) / 3
+    assert pooled["ci_high_seeds"] - pooled["diff_mean"] == pytest.approx(half)
+    assert pooled["diff_mean"] - pooled["ci_low_seeds"] == pytest.approx(half)
+    # the tasks disagree far more than seeds do: the interval over tasks is the wider one
+    assert pooled["ci_high"] - pooled["ci_low"] > pooled["ci_high_seeds"] - pooled["ci_low_seeds"]
+
+
+def test_resolution_target_and_the_seeds_that_would_meet_it():
+    pooled = sr.pooled(sr.per_task(_runs(), "lora")).iloc[0]  # fraction 1.0: target +-0.5 points
+    assert pooled["target"] == 0.5
+    assert not pooled["meets_target"]  # the three tasks disagree by 3 points
+    # task c's seeds differ by 2 points: 3 seeds are not enough for +-0.5, the planner says how many are
+    assert not pooled["meets_target_seeds"]
+    sds = sr.per_task(_runs(), "lora")["diff_sd"].tolist()
+    n = pooled["seeds_for_target"]
+    assert sr.seeds_half_width(sds, [n] * 3) <= 0.5 < sr.seeds_half_width(sds, [n - 1] * 3)
+    # no target at 1% of the data
+    runs = _runs().assign(fraction=0.01)
+    assert math.isnan(sr.pooled(sr.per_task(runs, "lora")).iloc[0]["target"])
+
+
+def test_seeds_half_width_edge_cases():
+    assert math.isnan(sr.seeds_half_width([1.0, 1.0], [5, 1]))  # a task with one seed has no spread
+    assert sr.seeds_half_width([0.0, 0.0], [3, 3]) == 0.0
+    assert math.isnan(sr.seeds_for_half_width([100.0], 0.01, most=50))
