@@ -9,8 +9,9 @@ left in the folder are ignored unless ``--all``) it writes, next to the result f
 - ``runs.csv``      one row per grid point: coordinates, status (completed / diverged / error / missing),
                     test and validation accuracy, trainable parameters, adapter switches, tuned file, device,
                     git commit and dirty flag, wall time;
-- ``summary.csv``   per (fraction, variant): runs planned and finished, mean, standard deviation and 95%
-                    t-interval of the test accuracy over seeds;
+- ``summary.csv``   per (fraction, variant): runs planned and finished, diverged and collapsed (learned,
+                    then lost it: ``collapsed``), mean, standard deviation and 95% t-interval of the test
+                    accuracy over seeds;
 - ``paired.csv``    per (fraction, variant): the seed-by-seed difference with the sweep's baseline variant
                     (same subset, head initialisation and batch order: checked through the subset hash), its
                     mean and 95% t-interval, a paired t-test p-value and the number of seeds where it wins;
@@ -145,6 +146,29 @@ def _entries(folder: Path, include_all: bool) -> list[dict[str, Any]]:
 SPIKE_FACTOR = 3.0
 #: accuracy within this much of the majority class's counts as ending at the majority class (diverged)
 MAJORITY_MARGIN = 0.005
+#: a run collapsed (learned, then lost it) when its recorded training loss fell to at most COLLAPSE_DROP times
+#: its first record and the mean of its last tenth of records is back at COLLAPSE_BACK times that or above
+COLLAPSE_DROP, COLLAPSE_BACK = 0.5, 0.8
+
+
+def collapsed(losses: Sequence[float]) -> bool | None:
+    """Whether a run learned and then lost it, from its recorded training losses (None: fewer than 5 records).
+
+    A run that trains to chance with finite losses ends ``completed``, and unless it ends exactly at the
+    majority class the divergence rule does not see it. This sees it from the loss alone: the loss fell to at
+    most ``COLLAPSE_DROP`` of its first record, and the mean of the last tenth of the records is back above
+    ``COLLAPSE_BACK`` of it. A run that never learned (a rate too low) is not collapsed.
+
+    >>> collapsed([2.3, 1.0, 0.3, 0.2, 2.2, 2.3, 2.3, 2.3, 2.3, 2.3])
+    True
+    >>> collapsed([2.3, 1.0, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]), collapsed([2.3, 2.2, 2.3, 2.2, 2.3])
+    (False, False)
+    """
+    x = [float(v) for v in losses if v is not None and np.isfinite(v)]
+    if len(x) < 5 or x[0] <= 0:
+        return None
+    end = float(np.mean(x[-max(1, len(x) // 10):]))
+    return min(x) <= COLLAPSE_DROP * x[0] and end >= COLLAPSE_BACK * x[0]
 
 
 def grad_norms(result: dict[str, Any]) -> dict[str, Any]:
@@ -158,8 +182,9 @@ def grad_norms(result: dict[str, Any]) -> dict[str, Any]:
 
 def stability(result: dict[str, Any]) -> dict[str, Any]:
     """What a run says about its stability (docs/stability.md): ``diverged`` (a non-finite loss or gradient
-    stopped it, or it ended at the majority class), ``loss_spikes`` (recorded training losses above
-    ``SPIKE_FACTOR`` times the median of the records before them, after the first five) and
+    stopped it, or it ended at the majority class), ``collapsed`` (:func:`collapsed`), ``loss_spikes``
+    (recorded training losses above ``SPIKE_FACTOR`` times the median of the records before them, after the
+    first five) and
     ``grad_spike_ratio`` (the largest total adapter-gradient norm over its median; None for a float16 run
     recorded in loss-scaled units, before the recorder divided the scale out)."""
     m = result.get("metrics", {})
@@ -173,6 +198,7 @@ def stability(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "diverged": result.get("status") != "completed" or at_majority,
         "nonfinite": result.get("status") == "failed",
+        "collapsed": collapsed(losses),
         "loss_spikes": spikes,
         "grad_norm_median": median if norms else None,
         "grad_norm_p95": float(np.percentile(norms, 95)) if norms else None,
@@ -319,6 +345,7 @@ def summarize(runs: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
                 "n_planned": len(g),
                 "n": len(ok),
                 "n_diverged": int((g["status"] == "diverged").sum()),
+                "n_collapsed": int(ok["collapsed"].eq(True).sum()) if "collapsed" in ok else 0,
                 "n_error": int(g["status"].isin(["error", "missing"]).sum()),
                 "mean": mean,
                 "sd": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
@@ -411,6 +438,7 @@ def _acc_cell(row: pd.Series) -> str:
         return "–"
     sd = f" ± {_pct(row['sd'])}" if np.isfinite(row["sd"]) else ""
     extra = f", {row['n_diverged']} diverged" if row["n_diverged"] else ""
+    extra += f", {row['n_collapsed']} collapsed" if row.get("n_collapsed") else ""
     return f"{_pct(row['mean'])}{sd} (n={row['n']}{extra})"
 
 

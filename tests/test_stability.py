@@ -165,3 +165,29 @@ def test_float16_gradient_norms_count_only_in_the_losss_units():
         assert got["grad_spike_ratio"] == ratio and got["diverged"] is False
         assert (got["grad_norm_median"] is None) == (ratio is None)
         assert bool(grad_norms(run(precision, grad))) == (ratio is not None)
+
+
+def test_a_run_that_learned_then_trained_to_chance_counts_as_collapsed_not_diverged():
+    """The MNIST failure mode: the loss falls, then returns to ln(10) with finite values and ends at 12.6%,
+    not at the majority class; `diverged` stays False (the rule fixed before the runs), `collapsed` sees it."""
+    from experiments.collect import collapsed, stability, summarize
+
+    learned_then_lost = [1.67, 0.9, 0.4, 0.29, 0.5, 2.2, 3.3, 2.5] + [2.30] * 30
+    learned = [1.67, 0.9, 0.4, 0.29, 0.2] + [0.05] * 30
+    never = [2.30, 2.29, 2.31, 2.30, 2.29, 2.30]  # a rate too low: no learning, no collapse
+
+    def run(losses, acc):
+        return {"status": "completed", "metrics": {"test/acc": acc, "test/majority_acc": 0.1},
+                "curves": {"steps": {"step": list(range(len(losses))), "train_loss": losses}}}
+
+    got = stability(run(learned_then_lost, 0.126))
+    assert got["collapsed"] is True and got["diverged"] is False
+    assert stability(run(learned, 0.97))["collapsed"] is False
+    assert stability(run(never, 0.11))["collapsed"] is False
+    assert collapsed([2.3, 0.1, 2.3]) is None  # too few records to say
+    # the last tenth decides: a spike that recovers is not a collapse
+    assert collapsed([2.0, 0.5, 0.3, 2.5, 0.3] + [0.2] * 20) is False
+    rows = [{"fraction": 1.0, "variant": "dora", "method": "dora", "status": "completed", "test_acc": a,
+             "collapsed": c, "params_trainable": 1, "params_adapter": 1, "tuned": ""}
+            for a, c in ((0.126, True), (0.97, False), (0.96, None))]
+    assert summarize(pd.DataFrame(rows)).iloc[0]["n_collapsed"] == 1
