@@ -146,29 +146,35 @@ def _entries(folder: Path, include_all: bool) -> list[dict[str, Any]]:
 SPIKE_FACTOR = 3.0
 #: accuracy within this much of the majority class's counts as ending at the majority class (diverged)
 MAJORITY_MARGIN = 0.005
-#: a run collapsed (learned, then lost it) when its recorded training loss fell to at most COLLAPSE_DROP times
-#: its first record and the mean of its last tenth of records is back at COLLAPSE_BACK times that or above
-COLLAPSE_DROP, COLLAPSE_BACK = 0.5, 0.8
+#: a run collapsed (learned, then lost it) when its smoothed training loss fell to at most COLLAPSE_DROP times
+#: its start and its end is back at COLLAPSE_BACK times the start or above
+COLLAPSE_DROP, COLLAPSE_BACK = 0.5, 0.85
 
 
 def collapsed(losses: Sequence[float]) -> bool | None:
-    """Whether a run learned and then lost it, from its recorded training losses (None: fewer than 5 records).
+    """Whether a run learned and then lost it, from its recorded training losses (None: fewer than 6 records).
 
     A run that trains to chance with finite losses ends ``completed``, and unless it ends exactly at the
-    majority class the divergence rule does not see it. This sees it from the loss alone: the loss fell to at
-    most ``COLLAPSE_DROP`` of its first record, and the mean of the last tenth of the records is back above
-    ``COLLAPSE_BACK`` of it. A run that never learned (a rate too low) is not collapsed.
+    majority class the divergence rule does not see it. This sees it from the loss alone. Each record is
+    one batch's loss, so the records are first smoothed by a moving average over a tenth of them (at least
+    3); the run collapsed when the smoothed loss fell to at most ``COLLAPSE_DROP`` of its start (the mean of
+    the first window) and its end (the mean of the last window) is back at ``COLLAPSE_BACK`` of the start or
+    above. A run that never learned (a rate too low) is not collapsed.
 
-    >>> collapsed([2.3, 1.0, 0.3, 0.2, 2.2, 2.3, 2.3, 2.3, 2.3, 2.3])
+    >>> collapsed([2.3, 2.2, 1.0, 0.3, 0.2, 0.2, 2.2, 2.3, 2.3, 2.3, 2.3, 2.3])
     True
-    >>> collapsed([2.3, 1.0, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]), collapsed([2.3, 2.2, 2.3, 2.2, 2.3])
+    >>> collapsed([2.3, 2.2, 1.0, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1]), collapsed([2.3, 2.2, 2.3, 2.2, 2.3, 2.2])
     (False, False)
     """
-    x = [float(v) for v in losses if v is not None and np.isfinite(v)]
-    if len(x) < 5 or x[0] <= 0:
+    x = np.asarray([float(v) for v in losses if v is not None and np.isfinite(v)])
+    w = max(3, len(x) // 10)
+    if len(x) < 2 * w:
         return None
-    end = float(np.mean(x[-max(1, len(x) // 10):]))
-    return min(x) <= COLLAPSE_DROP * x[0] and end >= COLLAPSE_BACK * x[0]
+    smooth = np.convolve(x, np.ones(w) / w, mode="valid")
+    start, end = float(smooth[0]), float(smooth[-1])
+    if start <= 0:
+        return None
+    return bool(smooth.min() <= COLLAPSE_DROP * start and end >= COLLAPSE_BACK * start)
 
 
 def grad_norms(result: dict[str, Any]) -> dict[str, Any]:
