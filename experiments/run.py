@@ -56,11 +56,37 @@ def read_data(cfg: RunConfig):
     return splits, messages
 
 
+#: transformers 5.x renamed DINOv2's attention Linears (``attention.attention.query`` -> ``attention.q_proj``);
+#: a run's identity uses the older names, so that one run has one id under either naming
+DINOV2_TARGET_NAMES = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+
+
+def identity_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config a run id is computed from: ``config`` with the DINOv2 target names the installed
+    transformers gives (``q_proj``, ``v_proj``) written in their older form (``query``, ``value``).
+
+    The default targets of the DINOv2 backbone are resolved to the names of the installed transformers,
+    and they name the same Linears either way; without this, a sweep resumed under the other naming would
+    find none of its finished runs. Bare names only (the defaults); other models are left as they are.
+
+    >>> identity_config({"model": {"name": "dinov2-vits14"}, "adapter": {"targets": ["q_proj", "v_proj"]}})
+    {'model': {'name': 'dinov2-vits14'}, 'adapter': {'targets': ['query', 'value']}}
+    """
+    from doran.training.backbones import DINOV2
+
+    adapter = config.get("adapter") or {}
+    targets = adapter.get("targets")
+    if (config.get("model") or {}).get("name") != DINOV2 or not isinstance(targets, (list, tuple)):
+        return config
+    return {**config, "adapter": {**adapter, "targets": [DINOV2_TARGET_NAMES.get(t, t) for t in targets]}}
+
+
 def run_id_of(cfg: RunConfig, fingerprint: str | None = None) -> str:
-    """The run_id of ``cfg``: its config and its data's fingerprint (read from the data if not given)."""
+    """The run_id of ``cfg``: its config (:func:`identity_config`) and its data's fingerprint (read from the
+    data if not given)."""
     from doran.results import make_run_id
 
-    return make_run_id(cfg.to_dict(), fingerprint or read_data(cfg)[0].fingerprint())
+    return make_run_id(identity_config(cfg.to_dict()), fingerprint or read_data(cfg)[0].fingerprint())
 
 
 def protocol_epochs(epochs: int, min_steps: int, n_train: int, batch_size: int) -> int:

@@ -243,3 +243,21 @@ def test_array_dataset_resizes_once_and_reads_the_same_values(tasks):
     torch.manual_seed(0)
     a = crops[0]["pixel_values"]
     assert crops._resized[0] is None and not torch.equal(a, crops[0]["pixel_values"])  # fresh crop each read
+
+
+def test_a_dinov2_run_has_one_id_under_either_transformers_naming():
+    """transformers 5.x calls DINOv2's attention Linears q_proj / v_proj, older versions query / value; the
+    default targets resolve to whichever is installed, and the run id must not depend on that (a sweep resumed
+    under the other naming would otherwise find none of its finished runs). Other models keep their names."""
+    from experiments import run as run_mod
+
+    def cfg(name, targets):
+        return run_mod.load_config(None, ["model.kind=image", f"model.name={name}", f"adapter.targets={targets}",
+                                          "data.kind=imagesuite", "data.task=mnist"])
+
+    new, old = cfg("dinov2-vits14", "q_proj,v_proj"), cfg("dinov2-vits14", "query,value")
+    assert new.adapter["targets"] == ["q_proj", "v_proj"]  # the config keeps what is really adapted
+    assert run_mod.run_id_of(new, "fp") == run_mod.run_id_of(old, "fp")
+    assert run_mod.run_id_of(cfg("dinov2-vits14", "q_proj,k_proj"), "fp") != run_mod.run_id_of(old, "fp")
+    vit_new, vit_old = cfg("vit_small_patch16_224", "q_proj,v_proj"), cfg("vit_small_patch16_224", "query,value")
+    assert run_mod.run_id_of(vit_new, "fp") != run_mod.run_id_of(vit_old, "fp")
