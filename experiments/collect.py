@@ -154,8 +154,8 @@ COLLAPSE_DROP, COLLAPSE_BACK = 0.5, 0.85
 def collapsed(losses: Sequence[float]) -> bool | None:
     """Whether a run learned and then lost it, from its recorded training losses (None: fewer than 6 records).
 
-    A run that trains to chance with finite losses ends ``completed``, and unless it ends exactly at the
-    majority class the divergence rule does not see it. This sees it from the loss alone. Each record is
+    A run that trains to chance with finite losses ends ``completed``, and unless it ends within
+    ``MAJORITY_MARGIN`` of the majority class the divergence rule does not see it. This sees it from the loss alone. Each record is
     one batch's loss, so the records are first smoothed by a moving average over a tenth of them (at least
     3); the run collapsed when the smoothed loss fell to at most ``COLLAPSE_DROP`` of its start (the mean of
     the first window) and its end (the mean of the last window) is back at ``COLLAPSE_BACK`` of the start or

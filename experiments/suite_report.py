@@ -102,12 +102,17 @@ def seeds_for_half_width(sds: Sequence[float], target: float, most: int = 1000) 
     """The fewest seeds per task (the same for every task) at which :func:`seeds_half_width` is within ``target``,
     given each task's standard deviation of paired differences; NaN if more than ``most`` would be needed."""
     sds = [float(s) for s in sds]
-    if not sds or not all(np.isfinite(sds)):
+
+    def meets(n: int) -> bool:
+        return seeds_half_width(sds, [n] * len(sds)) <= target
+
+    if not sds or not all(np.isfinite(sds)) or not meets(most):
         return math.nan
-    for n in range(2, most + 1):
-        if seeds_half_width(sds, [n] * len(sds)) <= target:
-            return n
-    return math.nan
+    low, high = 1, most  # the half width falls as n grows: bisect for the first n that meets the target
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if meets(mid) else (mid, high)
+    return high
 
 
 def pooled(table: pd.DataFrame) -> pd.DataFrame:
