@@ -340,16 +340,55 @@ def run_points(
     (``threads_per_job``). A worker that dies (out of memory, killed) has its run recorded as
     an error and is replaced. No new run starts after ``time_limit`` seconds.
     """
-    out = Outcome(total=len(points))
-    threads = threads_per_job(max(1, jobs), threads)
-    todo = unfinished(points, results_dir, retry_failed, reuse, out)
-    if not todo:
-        return out
+    return run_groups(
+        [points], jobs=jobs, gpus=gpus, device=device, threads=threads, results_dir=results_dir,
+        retry_failed=retry_failed, reuse=reuse, time_limit=time_limit, progress=progress,
+    )[0]
+
+
+def run_groups(
+    groups: Sequence[Sequence[Point]],
+    *,
+    jobs: int = 1,
+    gpus: Sequence[str] = (),
+    device: str = "auto",
+    threads: int | None = None,
+    results_dir: Path = RESULTS_DIR,
+    retry_failed: bool = False,
+    reuse: bool = True,
+    time_limit: float | None = None,
+    progress: bool | None = None,
+) -> list[Outcome]:
+    """``run_points`` for several grids at once (sweeps, tasks of a suite), one ``Outcome`` per grid.
+
+    The unfinished points of every grid share one pool of workers, so no worker waits for the last runs of one
+    grid while another grid has runs to do, and the workers load their libraries once. A point whose run_id
+    another grid of the same profile (and task) also has to run is run once: the later copy waits, then copies
+    the finished result (``reuse``), and runs itself only where that run did not complete.
+    """
+    outs = [Outcome(total=len(points)) for points in groups]
+    owner: dict[int, int] = {}
+    first: list[Point] = []
+    waiting: list[tuple[int, Point]] = []
+    seen: set[tuple[str, str]] = set()
+    for g, points in enumerate(groups):
+        for p in unfinished(points, results_dir, retry_failed, reuse, outs[g]):
+            key = (str(Path(p.out).parent), p.run_id)
+            if reuse and key in seen:
+                waiting.append((g, p))
+                continue
+            seen.add(key)
+            owner[id(p)] = g
+            first.append(p)
+    if not first and not waiting:
+        return outs
+    every = [p for points in groups for p in points]
+    todo_ids = {id(p) for p in first} | {id(p) for _, p in waiting}
     bar = Progress(
-        sum(p.cost for p in points),
-        sum(p.cost for p in points if p not in todo),
-        len(points),
-        len(points) - len(todo),
+        sum(p.cost for p in every),
+        sum(p.cost for p in every if id(p) not in todo_ids),
+        len(every),
+        len(every) - len(todo_ids),
         progress,
     )
     start = time.monotonic()
@@ -358,36 +397,51 @@ def run_points(
         return time_limit is not None and time.monotonic() - start > time_limit
 
     def count(p: Point, new_state: str, seconds: float) -> None:
-        out.count(p.run_id, new_state)
+        outs[owner[id(p)]].count(p.run_id, new_state)
         bar.update(p, new_state, seconds)
 
-    try:
-        if jobs <= 1 and not gpus:
-            _quiet()
-            if threads:
-                import torch
+    def skip(p: Point) -> None:
+        outs[owner[id(p)]].not_started += 1
 
-                torch.set_num_threads(threads)
-            for i, p in enumerate(todo):
-                if expired():
-                    out.not_started = len(todo) - i
-                    break
-                t0 = time.monotonic()
-                count(p, run_point(p.cfg, p.run_id), time.monotonic() - t0)
-        else:
-            _run_parallel(
-                todo,
-                jobs=max(1, jobs),
-                gpus=list(gpus),
-                device=device,
-                threads=threads,
-                count=count,
-                expired=expired,
-                out=out,
-            )
+    try:
+        _execute(first, jobs, gpus, device, threads, count, skip, expired)
+        second = []
+        for g, p in waiting:  # the twin has run: copy its result, or run this one where it did not complete
+            owner[id(p)] = g
+            if unfinished([p], results_dir, retry_failed, reuse, outs[g]):
+                second.append(p)
+            else:
+                bar.update(p, "reused", 0.0)
+        _execute(second, jobs, gpus, device, threads, count, skip, expired)
     finally:
         bar.close()
-    return out
+    return outs
+
+
+def _execute(todo: list[Point], jobs: int, gpus: Sequence[str], device: str, threads: int | None,
+             count, skip, expired) -> None:
+    """Run ``todo`` here (one job, no GPUs) or on a pool; ``count`` each ended run, ``skip`` each not started."""
+    if not todo:
+        return
+    threads = threads_per_job(max(1, jobs), threads)
+    if jobs <= 1 and not gpus:
+        _quiet()
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        for i, p in enumerate(todo):
+            if expired():
+                for q in todo[i:]:
+                    skip(q)
+                break
+            t0 = time.monotonic()
+            count(p, run_point(p.cfg, p.run_id), time.monotonic() - t0)
+    else:
+        _run_parallel(
+            todo, jobs=max(1, jobs), gpus=list(gpus), device=device, threads=threads, count=count,
+            expired=expired, skip=skip,
+        )
 
 
 class _Worker:
@@ -423,7 +477,7 @@ def _run_parallel(
     threads: int | None,
     count,
     expired,
-    out: Outcome,
+    skip,
 ) -> None:
     """Run ``todo`` on ``jobs`` worker processes (spawned: each sets its GPU before torch is imported)."""
     import multiprocessing as mp
@@ -447,7 +501,8 @@ def _run_parallel(
             for w in workers:
                 if w.point is None and queue:
                     if expired():
-                        out.not_started += len(queue)
+                        for p in queue:
+                            skip(p)
                         queue.clear()
                     else:
                         w.send(queue.pop(0))

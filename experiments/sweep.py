@@ -31,7 +31,7 @@ from experiments.cluster import add_cluster_arguments, cluster_options, run_on_c
 from experiments.constants import REPO, RESULTS_DIR, SWEEPS, TUNED_DIR
 from experiments.grid import SweepError, build_grid, load_profile, load_sweep, profiles_for
 from experiments.progress import estimate
-from experiments.runner import find_finished, run_points, state, write_manifest
+from experiments.runner import find_finished, run_groups, state, write_manifest
 
 __all__ = ["SweepError", "build_parser", "main", "sweep_main"]
 
@@ -81,6 +81,7 @@ def sweep_main(args: argparse.Namespace) -> int:
         )
     status = 0
     start = time.monotonic()
+    groups = []
     for profile, name in ((p, n) for p in profiles for n in names):
         spec = load_sweep(name, profile)
         points = build_grid(
@@ -130,29 +131,33 @@ def sweep_main(args: argparse.Namespace) -> int:
             for run_id in outcome.failed_ids:
                 print(f"[sweep]   error: {points[0].out / (run_id + '.error.json')}", file=sys.stderr)
             continue
-        todo = [p for p in points if state(p) in ("todo", "error")]
-        if not args.no_reuse:  # runs another sweep finished are copied, not run
-            todo = [p for p in todo if find_finished(p, results_dir) is None]
-        if todo and not args.no_estimate:
-            line = estimate(todo, args.jobs, args.threads)
-            if line:
-                print(line, flush=True)
-        remaining = (
-            None if args.time_limit is None else max(0.0, args.time_limit - (time.monotonic() - start))
-        )
-        outcome = run_points(
-            points,
-            jobs=args.jobs,
-            gpus=args.gpus,
-            device=args.device,
-            threads=args.threads,
-            results_dir=results_dir,
-            retry_failed=args.retry_failed,
-            reuse=not args.no_reuse,
-            time_limit=remaining,
-            progress=args.progress,
-        )
-        print(f"[sweep] {spec.name}: {outcome.line()}", flush=True)
+        groups.append((spec, profile, points))
+    if not groups:
+        return status
+    todo = [p for _, _, points in groups for p in points if state(p) in ("todo", "error")]
+    if not args.no_reuse:  # runs another sweep finished are copied, not run
+        todo = [p for p in todo if find_finished(p, results_dir) is None]
+    if todo and not args.no_estimate:
+        line = estimate(todo, args.jobs, args.threads)
+        if line:
+            print(line, flush=True)
+    remaining = None if args.time_limit is None else max(0.0, args.time_limit - (time.monotonic() - start))
+    # every grid's runs share one pool of workers (no wait on the last runs of one sweep or task)
+    outcomes = run_groups(
+        [points for _, _, points in groups],
+        jobs=args.jobs,
+        gpus=args.gpus,
+        device=args.device,
+        threads=args.threads,
+        results_dir=results_dir,
+        retry_failed=args.retry_failed,
+        reuse=not args.no_reuse,
+        time_limit=remaining,
+        progress=args.progress,
+    )
+    for (spec, profile, points), outcome in zip(groups, outcomes):
+        where = f" on {profile.name}" if len(groups) > 1 else ""
+        print(f"[sweep] {spec.name}{where}: {outcome.line()}", flush=True)
         if outcome.errors or outcome.not_started:
             status = 1
         for run_id in outcome.failed_ids:

@@ -441,8 +441,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         use_local_assets(args.model_dir, args.data_file)
+        profiles = profiles_for(load_profile(args.profile), args.tasks)
+        if args.jobs > 1 or args.gpus:  # every task's studies share the --jobs slots
+            status = _parallel(args, [(p, m) for p in profiles for m in _methods(args, p)])
+            for profile in profiles:
+                _write_table(args, profile)
+            return status
         status = 0
-        for profile in profiles_for(load_profile(args.profile), args.tasks):
+        for profile in profiles:
             status = max(status, _tune_profile(args, profile))
         return status
     except (SweepError, ConfigError, DataError) as err:
@@ -456,78 +462,81 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _tune_profile(args: argparse.Namespace, profile: Profile) -> int:
-    """Every method's study on ``profile`` (one task of a multi-task profile, or a single-data-set one)."""
-    methods = [m.lower() for m in args.methods or profile.tune.get("methods") or all_methods()]
-    results_dir, tuned_dir = Path(args.results), Path(args.tuned_dir)
-    storage = args.storage or default_storage(profile.name, results_dir)
-    if args.jobs > 1 or args.gpus:
-        status = _parallel(args, methods, storage, profile)
-    else:
-        if args.threads:
-            import torch
+def _methods(args: argparse.Namespace, profile: Profile) -> list[str]:
+    return [m.lower() for m in args.methods or profile.tune.get("methods") or all_methods()]
 
-            torch.set_num_threads(args.threads)
-        status, start = 0, time.monotonic()
-        for method in methods:
-            left = None if args.time_limit is None else max(0.0, args.time_limit - (time.monotonic() - start))
-            done = tune_method(profile, method, trials=args.trials, storage=storage, results_dir=results_dir,
-                               tuned_dir=tuned_dir, extra=args.set, time_limit=left)
-            status = status if done is not None else 1
-    table = trials_table(profile.name, methods, storage, results_dir)
+
+def _storage_of(args: argparse.Namespace, profile: Profile) -> str:
+    return args.storage or default_storage(profile.name, Path(args.results))
+
+
+def _write_table(args: argparse.Namespace, profile: Profile) -> None:
+    table = trials_table(profile.name, _methods(args, profile), _storage_of(args, profile), Path(args.results))
     if table:
         print(f"[tune] all trials -> {table}")
+
+
+def _tune_profile(args: argparse.Namespace, profile: Profile) -> int:
+    """Every method's study on ``profile`` (one task of a multi-task profile, or a single-data-set one), here."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    status, start = 0, time.monotonic()
+    for method in _methods(args, profile):
+        left = None if args.time_limit is None else max(0.0, args.time_limit - (time.monotonic() - start))
+        done = tune_method(profile, method, trials=args.trials, storage=_storage_of(args, profile),
+                           results_dir=Path(args.results), tuned_dir=Path(args.tuned_dir), extra=args.set,
+                           time_limit=left)
+        status = status if done is not None else 1
+    _write_table(args, profile)
     return status
 
 
-def _parallel(args: argparse.Namespace, methods: list[str], storage: str, profile: Profile) -> int:
-    """One subprocess per method, ``--jobs`` at a time, GPUs round robin."""
+def _parallel(args: argparse.Namespace, studies: list[tuple[Profile, str]]) -> int:
+    """One subprocess per study (a task's method), ``--jobs`` at a time, GPUs round robin.
+
+    The time limit counts from here: a study that starts later gets what is left of it, and none starts after.
+    """
     import optuna
 
-    # create the storage's tables here, once: studies that create a fresh SQLite file at the same moment race on
-    # its schema version (``UNIQUE constraint failed: alembic_version``) and the losers die before any trial
-    optuna.storages.get_storage(storage)
-    queue, running, status = list(methods), {}, 0
-    task = profile.name.split("/", 1)[1] if "/" in profile.name else None
-    passthrough = [
-        *(["--tasks", task] if task else []),
-        "--profile",
-        args.profile,
-        "--storage",
-        storage,
-        "--results",
-        args.results,
-        "--tuned-dir",
-        args.tuned_dir,
-        "--device",
-        args.device,
-    ]
+    # create each storage's tables here, once: studies that create a fresh SQLite file at the same moment race
+    # on its schema version (``UNIQUE constraint failed: alembic_version``) and the losers die before any trial
+    for url in dict.fromkeys(_storage_of(args, p) for p, _ in studies):
+        optuna.storages.get_storage(url)
+    common = ["--profile", args.profile, "--results", args.results, "--tuned-dir", args.tuned_dir,
+              "--device", args.device]
     threads = threads_per_job(max(1, args.jobs), args.threads)
     if threads:
-        passthrough += ["--threads", str(threads)]
+        common += ["--threads", str(threads)]
     if args.trials is not None:
-        passthrough += ["--trials", str(args.trials)]
-    if args.time_limit is not None:
-        passthrough += ["--time-limit", str(args.time_limit)]
+        common += ["--trials", str(args.trials)]
     # --model-dir / --data-file reach the subprocesses through $DORAN_MINILM_DIR / $DORAN_ROTTEN_TOMATOES_FILE
     if args.set:
-        passthrough += ["--set", *args.set]
+        common += ["--set", *args.set]
+    queue, running, status, start = list(studies), {}, 0, time.monotonic()
     try:
         while queue or running:
             for slot in range(max(1, args.jobs)):
                 if slot in running or not queue:
                     continue
-                method = queue.pop(0)
+                left = None if args.time_limit is None else args.time_limit - (time.monotonic() - start)
+                if left is not None and left <= 0:
+                    names = ", ".join(f"{p.name}:{m}" for p, m in queue)
+                    print(f"[tune] time limit: not started: {names}", file=sys.stderr)
+                    queue.clear()
+                    status = status or 1
+                    break
+                profile, method = queue.pop(0)
+                task = profile.name.split("/", 1)[1] if "/" in profile.name else None
+                argv = [*common, *(["--tasks", task] if task else []), "--storage", _storage_of(args, profile),
+                        "--methods", method, *(["--time-limit", f"{left:.1f}"] if left is not None else [])]
                 env = dict(os.environ)
                 if args.gpus:
                     env["CUDA_VISIBLE_DEVICES"] = args.gpus[slot % len(args.gpus)]
                 running[slot] = (
                     method,
-                    subprocess.Popen(
-                        [sys.executable, "-m", "experiments.tune", *passthrough, "--methods", method],
-                        cwd=REPO,
-                        env=env,
-                    ),
+                    subprocess.Popen([sys.executable, "-m", "experiments.tune", *argv], cwd=REPO, env=env),
                 )
             time.sleep(0.5)
             for slot, (_method, proc) in list(running.items()):

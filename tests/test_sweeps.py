@@ -330,6 +330,44 @@ def test_identical_runs_of_another_sweep_are_reused_not_rerun(smoke, tmp_path, m
     assert outcome.reused == len(points) and {p.run_id for p in moved} == {p.run_id for p in points}
 
 
+def _two_grids_sharing_their_runs(results: Path) -> tuple[list, list]:
+    profile = grid.load_profile("smoke")
+    spec = grid.load_sweep("sample_efficiency", profile)
+    kw = dict(results_dir=results, tuned_dir=None, seeds=[0], fractions=[0.05], variants=["lora", "dora"])
+    points = grid.build_grid(spec, profile, **kw)
+    spec.name = "copy"
+    return points, grid.build_grid(spec, profile, **kw)
+
+
+def test_grids_run_together_run_a_run_they_share_once_and_copy_it(tmp_path, monkeypatch):
+    from experiments import run as run_module
+
+    real, calls = run_module.run, []
+
+    def counting(cfg, **kwargs):
+        calls.append(Path(cfg.out).name)
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(run_module, "run", counting)
+    points, copies = _two_grids_sharing_their_runs(tmp_path)
+    assert [p.run_id for p in points] == [p.run_id for p in copies]
+    first, second = runner.run_groups([points, copies], results_dir=tmp_path, progress=False)
+    assert calls == ["sample_efficiency", "sample_efficiency"]  # two runs, not four
+    assert (first.done, first.reused, second.done, second.reused) == (2, 0, 0, 2)
+    a, b = _results(points[0].out), _results(copies[0].out)
+    assert sorted(a) == sorted(b)
+    for run_id in a:
+        assert a[run_id]["metrics"]["test/acc"] == b[run_id]["metrics"]["test/acc"]
+
+
+def test_grids_run_together_count_their_unstarted_runs_each(tmp_path, monkeypatch):
+    monkeypatch.setattr("experiments.run.run", lambda *a, **k: pytest.fail("the time limit had passed"))
+    points, copies = _two_grids_sharing_their_runs(tmp_path)
+    first, second = runner.run_groups([points, copies], results_dir=tmp_path, progress=False, time_limit=0)
+    assert (first.not_started, second.not_started, first.done + second.done) == (2, 2, 0)
+    assert "0 completed" in first.line() and "2 not started (time limit)" in second.line()
+
+
 def test_a_sweep_section_with_tuned_from_none_reads_no_tuned_file(smoke):
     profile = grid.load_profile("smoke")
     spec = grid.load_sweep("sample_efficiency", profile)
@@ -595,14 +633,62 @@ def test_tune_passes_a_thread_count_to_each_study(monkeypatch, tmp_path):
             return 0
 
     monkeypatch.setattr(tune.subprocess, "Popen", Proc)
-    args = argparse.Namespace(
-        profile="smoke", storage="sqlite://", results=str(tmp_path), tuned_dir=str(tmp_path), device="cpu",
-        trials=None, time_limit=None, set=[], jobs=2, gpus=[], threads=None)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    assert tune._parallel(args, ["lora", "doran"], storage, grid.load_profile("smoke")) == 0
+    args = argparse.Namespace(
+        profile="smoke", storage=storage, results=str(tmp_path), tuned_dir=str(tmp_path), device="cpu",
+        trials=None, time_limit=None, set=[], jobs=2, gpus=[], threads=None, methods=None)
+    smoke = grid.load_profile("smoke")
+    assert tune._parallel(args, [(smoke, "lora"), (smoke, "doran")]) == 0
     assert len(seen) == 2 and all(cmd[cmd.index("--threads") + 1] == "4" for cmd in seen)
     # the parent created the storage's schema before any study started (concurrent creation races)
     import sqlite3
 
     tables = {r[0] for r in sqlite3.connect(tmp_path / "optuna.db").execute("select name from sqlite_master")}
     assert {"studies", "trials", "alembic_version"} <= tables
+
+
+def _fake_popen(monkeypatch) -> list[list[str]]:
+    seen = []
+
+    class Proc:
+        returncode = 0
+
+        def __init__(self, cmd, **_):
+            seen.append(cmd)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(tune.subprocess, "Popen", Proc)
+    return seen
+
+
+def test_tune_runs_every_task_s_studies_in_one_pool_within_one_time_limit(monkeypatch, tmp_path):
+    seen = _fake_popen(monkeypatch)
+    args = argparse.Namespace(
+        profile="suite", storage=None, results=str(tmp_path), tuned_dir=str(tmp_path), device="cpu",
+        trials=None, time_limit=100.0, set=[], jobs=8, gpus=["0"], threads=1, methods=None)
+    profiles = grid.profiles_for(grid.load_profile("suite"), ["trec6", "boolq"])
+    studies = [(p, m) for p in profiles for m in tune._methods(args, p)]
+    assert tune._parallel(args, studies) == 0
+
+    def opt(cmd, name):
+        return cmd[cmd.index(name) + 1]
+
+    methods = ["lora", "dora", "doran", "replora"]
+    assert [(opt(c, "--tasks"), opt(c, "--methods")) for c in seen] == [
+        (t, m) for t in ("trec6", "boolq") for m in methods]
+    for cmd in seen:  # each task keeps its own study database; each study gets what is left of the limit
+        assert opt(cmd, "--storage") == f"sqlite:///{tmp_path}/suite/{opt(cmd, '--tasks')}/tune/optuna.db"
+        assert 90 < float(opt(cmd, "--time-limit")) <= 100.0
+
+
+def test_tune_starts_no_study_once_the_time_limit_has_passed(monkeypatch, tmp_path, capsys):
+    seen = _fake_popen(monkeypatch)
+    args = argparse.Namespace(
+        profile="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}", results=str(tmp_path),
+        tuned_dir=str(tmp_path), device="cpu", trials=None, time_limit=0.0, set=[], jobs=2, gpus=[], threads=None,
+        methods=None)
+    smoke = grid.load_profile("smoke")
+    assert tune._parallel(args, [(smoke, "lora"), (smoke, "doran")]) == 1
+    assert seen == [] and "not started: smoke:lora, smoke:doran" in capsys.readouterr().err
