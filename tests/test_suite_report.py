@@ -67,6 +67,20 @@ def test_several_baselines_share_one_table_and_get_a_forest_plot_each(tmp_path):
     assert first[0].read_bytes() != second[0].read_bytes()
 
 
+def test_a_report_against_one_more_baseline_keeps_the_others_rows(tmp_path):
+    runs = _runs()
+    runs = pd.concat([runs, runs[runs["variant"] == "lora"].assign(variant="dora", test_acc=lambda d: d["test_acc"] + 0.01)])
+    first = pd.concat([sr.per_task(runs, "lora"), sr.pooled(sr.per_task(runs, "lora"))]).assign(baseline="lora")
+    path = tmp_path / "sample_efficiency_across_tasks.csv"
+    first.to_csv(path, index=False)
+    second = pd.concat([sr.per_task(runs, "dora"), sr.pooled(sr.per_task(runs, "dora"))]).assign(baseline="dora")
+    merged = sr.keep_other_baselines(path, second, ["dora"])
+    assert list(dict.fromkeys(merged["baseline"])) == ["lora", "dora"] and len(merged) == len(first) + len(second)
+    again = sr.keep_other_baselines(path, first.assign(diff_mean=0.0), ["lora"])  # the same baseline is replaced
+    assert len(again) == len(first) and (again["diff_mean"] == 0.0).all()
+    assert sr.keep_other_baselines(tmp_path / "none.csv", second, ["dora"]) is second
+
+
 def test_pooled_seeds_only_interval_is_the_noise_of_the_task_means():
     table = sr.per_task(_runs(), "lora")
     pooled = sr.pooled(table).iloc[0]

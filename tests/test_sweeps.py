@@ -360,6 +360,24 @@ def test_grids_run_together_run_a_run_they_share_once_and_copy_it(tmp_path, monk
         assert a[run_id]["metrics"]["test/acc"] == b[run_id]["metrics"]["test/acc"]
 
 
+def test_longest_first_starts_the_costliest_runs_first(tmp_path, monkeypatch):
+    from experiments import run as run_module
+
+    real, calls = run_module.run, []
+
+    def counting(cfg, **kwargs):
+        calls.append(cfg.fraction)
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(run_module, "run", counting)
+    profile = grid.load_profile("smoke")
+    spec = grid.load_sweep("sample_efficiency", profile)
+    points = grid.build_grid(spec, profile, results_dir=tmp_path, tuned_dir=None, seeds=[0], variants=["lora"])
+    assert [p.fraction for p in points] == [0.01, 0.05] and points[0].cost < points[1].cost
+    [out] = runner.run_groups([points], results_dir=tmp_path, progress=False, longest_first=True)
+    assert calls == [0.05, 0.01] and out.done == 2
+
+
 def test_grids_run_together_count_their_unstarted_runs_each(tmp_path, monkeypatch):
     monkeypatch.setattr("experiments.run.run", lambda *a, **k: pytest.fail("the time limit had passed"))
     points, copies = _two_grids_sharing_their_runs(tmp_path)
