@@ -335,7 +335,10 @@ def load_sweep_folder(
 
 
 def summarize(runs: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
-    """Per (fraction, variant): planned, completed, diverged and errored runs; mean, sd, 95% t-interval."""
+    """Per (fraction, variant): planned, completed, diverged and errored runs; mean, sd, 95% t-interval.
+
+    ``n_diverged`` counts runs with status ``diverged`` (non-finite, no accuracy, not in the mean); runs that
+    finished at the majority class, which the stability column ``diverged`` also marks, count in ``n``."""
     out = []
     for (fraction, variant), g in runs.groupby(["fraction", "variant"], sort=False):
         ok = g[g["status"] == "completed"]
