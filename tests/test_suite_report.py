@@ -81,6 +81,22 @@ def test_a_report_against_one_more_baseline_keeps_the_others_rows(tmp_path):
     assert sr.keep_other_baselines(tmp_path / "none.csv", second, ["dora"]) is second
 
 
+def test_the_markdown_table_quotes_the_csv_numbers():
+    runs = _runs()
+    table = sr.per_task(runs, "lora")
+    table = pd.concat([table, sr.pooled(table)], ignore_index=True).assign(baseline="lora")
+    text = sr.markdown(table, "p", "sample_efficiency", sr.mean_ranks(runs))
+    [row] = [line for line in text.splitlines() if line.startswith("| doran - lora |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    a = table[(table["task"] == "a")].iloc[0]
+    pool = table[table["task"] == sr.POOLED].iloc[0]
+    assert cells[1] == f"{a['diff_mean']:+.1f} [{a['ci_low']:+.1f}, {a['ci_high']:+.1f}]" == "+2.0 [+2.0, +2.0]"
+    assert cells[4] == f"{pool['diff_mean']:+.1f} [{pool['ci_low']:+.1f}, {pool['ci_high']:+.1f}]"
+    assert cells[5].startswith(f"{pool['diff_mean']:+.1f} [") and cells[6] == "1 / 1 / 1"
+    assert cells[7].startswith("+-0.5: ")  # 100% of the data: the +-0.5 target
+    assert "## 100% of the training data" in text and "Mean rank over tasks" in text and "doran 1.33" in text
+
+
 def test_pooled_seeds_only_interval_is_the_noise_of_the_task_means():
     table = sr.per_task(_runs(), "lora")
     pooled = sr.pooled(table).iloc[0]
