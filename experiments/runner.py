@@ -320,30 +320,9 @@ def unfinished(points: Sequence[Point], results_dir: Path, retry_failed: bool, r
     return todo
 
 
-def run_points(
-    points: Sequence[Point],
-    *,
-    jobs: int = 1,
-    gpus: Sequence[str] = (),
-    device: str = "auto",
-    threads: int | None = None,
-    results_dir: Path = RESULTS_DIR,
-    retry_failed: bool = False,
-    reuse: bool = True,
-    time_limit: float | None = None,
-    progress: bool | None = None,
-) -> Outcome:
-    """Run every unfinished point: in this process (``jobs=1`` and no ``gpus``) or on ``jobs`` worker processes.
-
-    Worker ``i`` sees GPU ``gpus[i % len(gpus)]`` (``CUDA_VISIBLE_DEVICES``), so ``--jobs 4 --gpus 0 1`` puts
-    two runs at a time on each of two GPUs. ``threads`` defaults to the cores divided among the jobs
-    (``threads_per_job``). A worker that dies (out of memory, killed) has its run recorded as
-    an error and is replaced. No new run starts after ``time_limit`` seconds.
-    """
-    return run_groups(
-        [points], jobs=jobs, gpus=gpus, device=device, threads=threads, results_dir=results_dir,
-        retry_failed=retry_failed, reuse=reuse, time_limit=time_limit, progress=progress,
-    )[0]
+def run_points(points: Sequence[Point], **options) -> Outcome:
+    """Run every unfinished point of one grid: :func:`run_groups` with that grid alone (same options)."""
+    return run_groups([points], **options)[0]
 
 
 def run_groups(
@@ -360,7 +339,13 @@ def run_groups(
     progress: bool | None = None,
     longest_first: bool = False,
 ) -> list[Outcome]:
-    """``run_points`` for several grids at once (sweeps, tasks of a suite), one ``Outcome`` per grid.
+    """Run every unfinished point of several grids (sweeps, tasks of a suite); one ``Outcome`` per grid.
+
+    Runs go in this process (``jobs=1`` and no ``gpus``) or on ``jobs`` worker processes. Worker ``i`` sees GPU
+    ``gpus[i % len(gpus)]`` (``CUDA_VISIBLE_DEVICES``), so ``jobs=4, gpus=["0", "1"]`` puts two runs at a time
+    on each of two GPUs. ``threads`` defaults to the cores divided among the jobs (``threads_per_job``). A
+    worker that dies (out of memory, killed) has its run recorded as an error and is replaced. No new run
+    starts after ``time_limit`` seconds.
 
     The unfinished points of every grid share one pool of workers, so no worker waits for the last runs of one
     grid while another grid has runs to do, and the workers load their libraries once. A point whose run_id

@@ -637,34 +637,6 @@ def test_threads_per_job_divides_the_cores_among_concurrent_runs(monkeypatch):
     assert runner.threads_per_job(4, threads=3) == 3  # an explicit --threads wins
 
 
-def test_tune_passes_a_thread_count_to_each_study(monkeypatch, tmp_path):
-    monkeypatch.setattr(runner, "usable_cpus", lambda: 8)  # tune's threads_per_job is runner's
-    seen = []
-
-    class Proc:
-        returncode = 0
-
-        def __init__(self, cmd, **_):
-            seen.append(cmd)
-
-        def poll(self):
-            return 0
-
-    monkeypatch.setattr(tune.subprocess, "Popen", Proc)
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = argparse.Namespace(
-        profile="smoke", storage=storage, results=str(tmp_path), tuned_dir=str(tmp_path), device="cpu",
-        trials=None, time_limit=None, set=[], jobs=2, gpus=[], threads=None, methods=None)
-    smoke = grid.load_profile("smoke")
-    assert tune._parallel(args, [(smoke, "lora"), (smoke, "doran")]) == 0
-    assert len(seen) == 2 and all(cmd[cmd.index("--threads") + 1] == "4" for cmd in seen)
-    # the parent created the storage's schema before any study started (concurrent creation races)
-    import sqlite3
-
-    tables = {r[0] for r in sqlite3.connect(tmp_path / "optuna.db").execute("select name from sqlite_master")}
-    assert {"studies", "trials", "alembic_version"} <= tables
-
-
 def _fake_popen(monkeypatch) -> list[list[str]]:
     seen = []
 
@@ -679,6 +651,23 @@ def _fake_popen(monkeypatch) -> list[list[str]]:
 
     monkeypatch.setattr(tune.subprocess, "Popen", Proc)
     return seen
+
+
+def test_tune_passes_a_thread_count_to_each_study(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 8)  # tune's threads_per_job is runner's
+    seen = _fake_popen(monkeypatch)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = argparse.Namespace(
+        profile="smoke", storage=storage, results=str(tmp_path), tuned_dir=str(tmp_path), device="cpu",
+        trials=None, time_limit=None, set=[], jobs=2, gpus=[], threads=None, methods=None)
+    smoke = grid.load_profile("smoke")
+    assert tune._parallel(args, [(smoke, "lora"), (smoke, "doran")]) == 0
+    assert len(seen) == 2 and all(cmd[cmd.index("--threads") + 1] == "4" for cmd in seen)
+    # the parent created the storage's schema before any study started (concurrent creation races)
+    import sqlite3
+
+    tables = {r[0] for r in sqlite3.connect(tmp_path / "optuna.db").execute("select name from sqlite_master")}
+    assert {"studies", "trials", "alembic_version"} <= tables
 
 
 def test_tune_runs_every_task_s_studies_in_one_pool_within_one_time_limit(monkeypatch, tmp_path):
