@@ -541,9 +541,20 @@ def make_figures(
         if only and name not in only:
             continue
         path = root / sweep / csv
-        if path.is_file() and path.stat().st_size > 1:
-            written[name] = fn(path, out)
+        if not (path.is_file() and path.stat().st_size > 1):
+            continue
+        if csv == "runs.csv" and _completed_count(path) == 0:  # a sweep stopped before any run finished
+            print(f"[plot] {profile}/{sweep}: no finished run yet, no {name} figure", file=sys.stderr)
+            continue
+        written[name] = fn(path, out)
     return written
+
+
+def _completed_count(path: Path) -> int:
+    """Runs of a ``runs.csv`` that finished with a test accuracy (0 when none did: then collect writes no
+    result columns at all)."""
+    runs = pd.read_csv(path)
+    return len(_completed(runs)) if {"status", "test_acc"} <= set(runs.columns) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,21 @@ def test_accuracy_intervals_stop_at_0_and_100():
     assert mean_c - below_c == pytest.approx(0.0)
     tight = [80.0, 81.0, 82.0]  # an interval inside the bounds is left as it is
     assert plots._mean_ci(tight, plots.ACC_BOUNDS) == pytest.approx(plots._mean_ci(tight))
+
+
+def test_a_sweep_with_no_finished_run_is_skipped_not_a_crash(tmp_path, capsys):
+    # a sweep stopped by its time limit before any run finished: collect writes runs.csv without result columns
+    unit = tmp_path / "suite" / "trec6"
+    (unit / "params_matched").mkdir(parents=True)
+    (unit / "sample_efficiency").mkdir(parents=True)
+    pd.DataFrame([{"sweep": "params_matched", "variant": "lora", "method": "lora", "seed": 0, "fraction": 0.1,
+                   "run_id": "lora-s0", "status": "missing", "error": None}]).to_csv(
+        unit / "params_matched" / "runs.csv", index=False)
+    pd.DataFrame([{"variant": v, "method": v, "fraction": f, "seed": s, "status": "completed",
+                   "test_acc": 0.8 + 0.01 * s, "majority_acc": 0.5, "device": "cpu"}
+                  for v in ("lora", "doran") for f in (0.01, 1.0) for s in range(2)]).to_csv(
+        unit / "sample_efficiency" / "runs.csv", index=False)
+    written = plots.make_figures("suite/trec6", tmp_path, tmp_path / "figs")
+    assert "params_matched" not in written and written["sample_efficiency_accuracy"]
+    assert "no finished run yet" in capsys.readouterr().err
+    plt.close("all")
