@@ -238,7 +238,7 @@ def markdown(table: pd.DataFrame, profile: str, sweep: str, ranks: pd.DataFrame 
             r = ranks[ranks["fraction"] == fraction].sort_values("mean_rank")
             if len(r):
                 lines += ["", "Mean rank over tasks (1 = the best mean accuracy on a task): "
-                          + ", ".join(f"{v} {x:.2f}" for v, x in zip(r["variant"], r["mean_rank"]))]
+                          + "; ".join(f"{v} {x:.2f}" for v, x in zip(r["variant"], r["mean_rank"]))]
         lines.append("")
     return "\n".join(lines)
 
