@@ -428,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
+    if args.time_limit is not None and args.time_limit < 0:
+        print(f"error: --time-limit must be >= 0 seconds, got {args.time_limit}", file=sys.stderr)
+        return 2
+    if args.time_limit == 0:  # nothing may start: leave no empty study database behind either
+        print("[tune] --time-limit 0: no trial started", file=sys.stderr)
+        return 1
     try:
         import optuna  # noqa: F401
     except ImportError:

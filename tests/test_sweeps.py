@@ -699,3 +699,13 @@ def test_tune_starts_no_study_once_the_time_limit_has_passed(monkeypatch, tmp_pa
     smoke = grid.load_profile("smoke")
     assert tune._parallel(args, [(smoke, "lora"), (smoke, "doran")]) == 1
     assert seen == [] and "not started: smoke:lora, smoke:doran" in capsys.readouterr().err
+
+
+def test_tune_with_no_time_left_starts_nothing_and_writes_nothing(tmp_path, capsys):
+    common = ["--profile", "smoke", "--methods", "lora", "--results", str(tmp_path / "r"), "--tuned-dir",
+              str(tmp_path / "t")]
+    assert tune.main([*common, "--time-limit", "0"]) == 1
+    assert "no trial started" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()  # no empty optuna.db
+    assert tune.main([*common, "--time-limit", "-5"]) == 2
+    assert "--time-limit must be >= 0" in capsys.readouterr().err
