@@ -137,6 +137,7 @@ def sweep_main(args: argparse.Namespace) -> int:
     todo = [p for _, _, points in groups for p in points if state(p) in ("todo", "error")]
     if not args.no_reuse:  # runs another sweep finished are copied, not run
         todo = [p for p in todo if find_finished(p, results_dir) is None]
+    todo = list({(p.out.parent, p.run_id): p for p in todo}.values())  # a run two sweeps share runs once
     if todo and not args.no_estimate:
         line = estimate(todo, args.jobs, args.threads)
         if line:

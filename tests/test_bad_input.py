@@ -367,3 +367,19 @@ def test_make_smoke_shows_learning_for_every_method(tmp_path, method):
 def test_an_unknown_adapter_target_exits_2_with_the_nearest_names(tmp_path, capsys):
     err = _exit2(_tiny(tmp_path, "adapter.targets=[qury]", "train.max_steps=1"), capsys, r"no nn.Linear matches")
     assert "query" in err
+
+
+def test_the_estimate_counts_a_run_two_sweeps_share_once(tmp_path, monkeypatch):
+    from experiments import sweep
+
+    counted = []
+    monkeypatch.setattr(sweep, "estimate", lambda todo, jobs, threads=None: counted.append(len(todo)) or None)
+    specs = []
+    for name in ("first", "second"):  # two sweeps that both hold the same lora run (same config, same data)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"name: {name}\ndescription: one lora run\nfractions: [0.02]\nmethods: [lora]\n")
+        specs.append(str(path))
+    common = ["--profile", "smoke", "--seeds", "0", "--no-tuned", "--no-progress", "--results", str(tmp_path / "r")]
+    assert sweep.main([*specs, *common]) == 0
+    assert counted == [1]  # it runs once, so it is estimated once
+    assert len(list((tmp_path / "r" / "smoke").glob("*/lora-s0-*.json*"))) == 2  # and both sweeps have its result
