@@ -14,6 +14,13 @@ from the evaluation seeds); the objective is the final **validation** accuracy (
 looked at); a Lightning callback reports validation accuracy after every epoch and Optuna's median pruner stops
 trials that fall behind. A trial that diverges (NaN) scores its last validation accuracy (0 if none).
 
+``--workers-per-study W`` runs W processes on each study at once (they share its storage; each worker's
+sampler has its own seed, so the random start-up trials differ): a study of 8 trials takes about 2 trial
+times with W = 4 instead of 8. Concurrent workers may finish a trial or more beyond the budget; the tuned file
+takes the best of the first ``trials`` finished trials (by trial number), so every method is still chosen from
+the same budget. With W = 1 (the default) the trial sequence is reproducible from the seed; with W > 1 which
+trials TPE proposes depends on the order in which the others finish.
+
 The search space is ``experiments/configs/sweeps/tune.yaml`` (learning rate, weight decay, rank with
 alpha = 2r, tau_init for methods with tau, generator width for methods with generated factors). The best
 trial's values are written to ``experiments/configs/tuned/<profile>/<method>.yaml``, which every sweep merges
@@ -245,11 +252,16 @@ def tune_method(
     extra: Sequence[str] = (),
     time_limit: float | None = None,
     verbose: bool = True,
+    worker: int = 0,
+    workers: int = 1,
 ) -> Path | None:
     """Run (or resume) the study of ``method`` up to ``trials`` finished trials; write its tuned file.
 
     ``time_limit``: start no trial after this many seconds (the study resumes at the next invocation).
-    Returns the tuned file, or None while the budget is not spent (or no trial completed).
+    ``worker`` of ``workers``: one of several processes on the same study at once. Worker 0 samples with the
+    study's seed (a one-worker study is reproducible), worker k with seed + k; with several workers none writes
+    the tuned file (the caller does, once all are done: :func:`write_tuned_when_done`).
+    Returns the tuned file, or None while the budget is not spent (or no trial completed, or ``workers > 1``).
     """
     import optuna
 
@@ -261,7 +273,7 @@ def tune_method(
     trials = int(trials if trials is not None else tune.get("trials", 20))
     space = load_space(tune.get("space", "default"))
     url = storage or default_storage(profile.name, results_dir)
-    sampler_seed = int(hashlib.sha256(f"{profile.name}:{method}".encode()).hexdigest()[:8], 16)
+    sampler_seed = int(hashlib.sha256(f"{profile.name}:{method}".encode()).hexdigest()[:8], 16) + worker
     startup = int(tune.get("startup_trials", 5))
     study = optuna.create_study(
         study_name=f"{profile.name}-{method}",
@@ -272,19 +284,24 @@ def tune_method(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=1),
     )
     done = _finished(study)
-    if done < trials:
+    running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))) if workers > 1 else 0
+    if done + running < trials:
+        todo = trials - done - running
         if verbose:
+            who = f" (worker {worker + 1} of {workers}, with {running} running elsewhere)" if workers > 1 else ""
             print(
-                f"[tune] {method}: {done}/{trials} trials finished, running {trials - done} more ({url})",
+                f"[tune] {method}: {done}/{trials} trials finished, running {todo} more{who} ({url})",
                 flush=True,
             )
         objective = make_objective(profile, method, space, results_dir, extra)
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        if workers > 1:  # stop once the finished and the other workers' running trials fill the budget
+            states += (optuna.trial.TrialState.RUNNING,)
         t0 = time.monotonic()
         try:
             study.optimize(
                 objective,
-                n_trials=trials - done,
+                n_trials=todo,
                 catch=(Exception,),
                 timeout=time_limit,
                 callbacks=[optuna.study.MaxTrialsCallback(trials, states=states)],
@@ -297,6 +314,8 @@ def tune_method(
                 f"[tune] {method}: {_finished(study)} trials finished in {time.monotonic() - t0:.0f}s",
                 flush=True,
             )
+    if workers > 1:
+        return None
     finished = _finished(study)
     if finished < trials:  # the same budget for every method: no tuned file before it is spent
         if verbose:
@@ -306,7 +325,32 @@ def tune_method(
                 flush=True,
             )
         return None
-    return write_tuned(study, profile, method, url, space, tuned_dir, verbose)
+    return write_tuned(study, profile, method, url, space, tuned_dir, verbose, budget=trials)
+
+
+def within_budget(study, trials: int) -> list:
+    """The first ``trials`` finished (complete or pruned) trials of ``study`` by trial number: the budget every
+    method gets. Concurrent workers can finish more; those are not chosen from."""
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return sorted(study.get_trials(deepcopy=False, states=states), key=lambda t: t.number)[:trials]
+
+
+def write_tuned_when_done(profile: Profile, method: str, *, trials: int | None, storage: str,
+                          tuned_dir: Path, verbose: bool = True) -> Path | None:
+    """After several workers on one study: write its tuned file if the budget is spent (else say so)."""
+    import optuna
+
+    trials = int(trials if trials is not None else profile.tune.get("trials", 20))
+    study = optuna.load_study(study_name=f"{profile.name}-{method}", storage=storage)
+    if _finished(study) < trials:
+        if verbose:
+            print(f"[tune] {profile.name}:{method}: {_finished(study)}/{trials} trials finished; run again to "
+                  "resume, the tuned file is written once the budget is spent", flush=True)
+        return None
+    space = load_space(profile.tune.get("space", "default"))
+    return write_tuned(study, profile, method, storage, space, tuned_dir, verbose, budget=trials)
 
 
 def write_tuned(
@@ -317,27 +361,36 @@ def write_tuned(
     space: dict[str, Any],
     tuned_dir: Path,
     verbose: bool = True,
+    budget: int | None = None,
 ) -> Path | None:
-    """Write the best trial's values to ``tuned/<profile>/<method>.yaml`` (atomically)."""
+    """Write the values of the best trial within ``budget`` (:func:`within_budget`; all finished trials if
+    None) to ``tuned/<profile>/<method>.yaml`` (atomically)."""
     import optuna
 
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    chosen = within_budget(study, budget) if budget is not None else study.get_trials(deepcopy=False)
+    complete = [t for t in chosen if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         if verbose:
             print(f"[tune] {method}: no completed trial; nothing written", file=sys.stderr)
         return None
-    best = study.best_trial
+    best = max(complete, key=lambda t: (t.value, -t.number))
     values = dict(best.params)
     if space["alpha_over_r"] and "adapter.r" in values:
         values["adapter.alpha"] = float(space["alpha_over_r"] * values["adapter.r"])
+    numbers = {t.number for t in chosen}
     counts = {
-        s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+        s.name.lower(): len([t for t in study.get_trials(deepcopy=False, states=(s,))
+                             if s == optuna.trial.TrialState.FAIL or t.number in numbers])
         for s in (
             optuna.trial.TrialState.COMPLETE,
             optuna.trial.TrialState.PRUNED,
             optuna.trial.TrialState.FAIL,
         )
     }
+    beyond = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                         optuna.trial.TrialState.PRUNED))) - len(chosen)
+    if beyond > 0:
+        counts["beyond_budget"] = beyond  # finished by concurrent workers after the budget; not chosen from
     tune = profile.tune
     doc = {
         "method": method,
@@ -407,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--storage", default=None, help="Optuna storage URL (default: SQLite under the results)"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="studies run in parallel, one subprocess each")
+    parser.add_argument("--jobs", type=int, default=1, help="processes run in parallel, one subprocess each")
+    parser.add_argument("--workers-per-study", type=int, default=1,
+                        help="processes on each study at once (they share its storage; default 1: reproducible)")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the parent
     parser.add_argument(
         "--gpus", nargs="+", default=[], help="GPU indices, assigned round robin to the studies"
     )
@@ -427,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.threads is not None and args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    if args.workers_per_study < 1:
+        print(f"error: --workers-per-study must be >= 1, got {args.workers_per_study}", file=sys.stderr)
         return 2
     if args.time_limit is not None and args.time_limit < 0:
         print(f"error: --time-limit must be >= 0 seconds, got {args.time_limit}", file=sys.stderr)
@@ -448,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         use_local_assets(args.model_dir, args.data_file)
         profiles = profiles_for(load_profile(args.profile), args.tasks)
-        if args.jobs > 1 or args.gpus:  # every task's studies share the --jobs slots
+        if args.worker is None and (args.jobs > 1 or args.gpus or args.workers_per_study > 1):
+            # every task's studies (and their workers) share the --jobs slots
             status = _parallel(args, [(p, m) for p in profiles for m in _methods(args, p)])
             for profile in profiles:
                 _write_table(args, profile)
@@ -493,14 +553,16 @@ def _tune_profile(args: argparse.Namespace, profile: Profile) -> int:
         left = None if args.time_limit is None else max(0.0, args.time_limit - (time.monotonic() - start))
         done = tune_method(profile, method, trials=args.trials, storage=_storage_of(args, profile),
                            results_dir=Path(args.results), tuned_dir=Path(args.tuned_dir), extra=args.set,
-                           time_limit=left)
-        status = status if done is not None else 1
-    _write_table(args, profile)
+                           time_limit=left, worker=args.worker or 0, workers=args.workers_per_study)
+        status = status if done is not None or args.workers_per_study > 1 else 1
+    if args.worker is None:
+        _write_table(args, profile)
     return status
 
 
 def _parallel(args: argparse.Namespace, studies: list[tuple[Profile, str]]) -> int:
-    """One subprocess per study (a task's method), ``--jobs`` at a time, GPUs round robin.
+    """One subprocess per study (a task's method) and worker, ``--jobs`` at a time, GPUs round robin; with
+    several workers per study, each study's tuned file is written here once its workers are done.
 
     The time limit counts from here: a study that starts later gets what is left of it, and none starts after.
     """
@@ -520,7 +582,12 @@ def _parallel(args: argparse.Namespace, studies: list[tuple[Profile, str]]) -> i
     # --model-dir / --data-file reach the subprocesses through $DORAN_MINILM_DIR / $DORAN_ROTTEN_TOMATOES_FILE
     if args.set:
         common += ["--set", *args.set]
-    queue, running, status, start = list(studies), {}, 0, time.monotonic()
+    workers = args.workers_per_study
+    if workers > 1:
+        common += ["--workers-per-study", str(workers)]
+    # a study's workers one after another in the queue: they start together when slots allow
+    queue = [(p, m, k) for p, m in studies for k in range(workers)]
+    running, status, start = {}, 0, time.monotonic()
     try:
         while queue or running:
             for slot in range(max(1, args.jobs)):
@@ -533,10 +600,11 @@ def _parallel(args: argparse.Namespace, studies: list[tuple[Profile, str]]) -> i
                     queue.clear()
                     status = status or 1
                     break
-                profile, method = queue.pop(0)
+                profile, method, worker = queue.pop(0)
                 task = profile.name.split("/", 1)[1] if "/" in profile.name else None
                 argv = [*common, *(["--tasks", task] if task else []), "--storage", _storage_of(args, profile),
-                        "--methods", method, *(["--time-limit", f"{left:.1f}"] if left is not None else [])]
+                        "--methods", method, *(["--time-limit", f"{left:.1f}"] if left is not None else []),
+                        "--worker", str(worker)]
                 env = dict(os.environ)
                 if args.gpus:
                     env["CUDA_VISIBLE_DEVICES"] = args.gpus[slot % len(args.gpus)]
@@ -553,6 +621,11 @@ def _parallel(args: argparse.Namespace, studies: list[tuple[Profile, str]]) -> i
         for _, proc in running.values():
             proc.terminate()
         raise
+    if workers > 1:
+        for profile, method in studies:
+            written = write_tuned_when_done(profile, method, trials=args.trials, storage=_storage_of(args, profile),
+                                            tuned_dir=Path(args.tuned_dir))
+            status = status or (0 if written is not None else 1)
     return status
 
 

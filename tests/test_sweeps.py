@@ -709,3 +709,42 @@ def test_tune_with_no_time_left_starts_nothing_and_writes_nothing(tmp_path, caps
     assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()  # no empty optuna.db
     assert tune.main([*common, "--time-limit", "-5"]) == 2
     assert "--time-limit must be >= 0" in capsys.readouterr().err
+
+
+def test_tune_workers_share_a_study_and_the_tuned_file_keeps_the_budget(tmp_path):
+    """Two processes on one study: 4 finished trials in all (none lost, at most one beyond the budget), the
+    start-up trials of the two workers differ (their samplers have different seeds), and the tuned file is
+    the best of the first 4 by trial number."""
+    import optuna
+
+    tuned = tmp_path / "tuned"
+    args = ["--profile", "smoke", "--methods", "prediag", "--results", str(tmp_path), "--tuned-dir", str(tuned),
+            "--trials", "4", "--jobs", "2", "--workers-per-study", "2"]
+    assert tune.main(args) == 0
+    study = optuna.load_study(study_name="smoke-prediag", storage=tune.default_storage("smoke", tmp_path))
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert 4 <= len(finished) <= 5
+    first = sorted(study.trials, key=lambda t: t.number)[:2]
+    assert first[0].params != first[1].params
+    budget = tune.within_budget(study, 4)
+    assert [t.number for t in budget] == sorted(t.number for t in finished)[:4]
+    best = max((t for t in budget if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    doc = yaml.safe_load(grid.tuned_path("smoke", "prediag", tuned).read_text())
+    assert doc["best_trial"] == best.number and doc["trials"]["complete"] + doc["trials"]["pruned"] == 4
+
+
+def test_the_tuned_file_ignores_trials_beyond_the_budget(tmp_path):
+    import optuna
+
+    study = optuna.create_study(direction="maximize")
+    for value in (0.5, 0.7, 0.6, 0.9):  # the 4th finished after the budget of 3 was spent (a concurrent worker)
+        trial = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)})
+        study.tell(trial, value)
+    profile = grid.load_profile("smoke")
+    space = tune.load_space("default")
+    path = tune.write_tuned(study, profile, "lora", "sqlite:///x.db", space, tmp_path, verbose=False, budget=3)
+    doc = yaml.safe_load(path.read_text())
+    assert doc["best_trial"] == 1 and doc["best_value"] == 0.7
+    assert doc["trials"]["complete"] == 3 and doc["trials"]["beyond_budget"] == 1
+    everything = tune.write_tuned(study, profile, "lora", "sqlite:///x.db", space, tmp_path, verbose=False)
+    assert yaml.safe_load(everything.read_text())["best_trial"] == 3  # no budget given: all trials
