@@ -343,7 +343,10 @@ def write_tuned_when_done(profile: Profile, method: str, *, trials: int | None, 
     import optuna
 
     trials = int(trials if trials is not None else profile.tune.get("trials", 20))
-    study = optuna.load_study(study_name=f"{profile.name}-{method}", storage=storage)
+    try:
+        study = optuna.load_study(study_name=f"{profile.name}-{method}", storage=storage)
+    except KeyError:  # no worker got to start it (a time limit, or bad input)
+        return None
     if _finished(study) < trials:
         if verbose:
             print(f"[tune] {profile.name}:{method}: {_finished(study)}/{trials} trials finished; run again to "
@@ -595,7 +598,7 @@ def _parallel(args: argparse.Namespace, studies: list[tuple[Profile, str]]) -> i
                     continue
                 left = None if args.time_limit is None else args.time_limit - (time.monotonic() - start)
                 if left is not None and left <= 0:
-                    names = ", ".join(f"{p.name}:{m}" for p, m in queue)
+                    names = ", ".join(dict.fromkeys(f"{p.name}:{m}" for p, m, _ in queue))
                     print(f"[tune] time limit: not started: {names}", file=sys.stderr)
                     queue.clear()
                     status = status or 1

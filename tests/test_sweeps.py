@@ -659,7 +659,7 @@ def test_tune_passes_a_thread_count_to_each_study(monkeypatch, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = argparse.Namespace(
         profile="smoke", storage=storage, results=str(tmp_path), tuned_dir=str(tmp_path), device="cpu",
-        trials=None, time_limit=None, set=[], jobs=2, gpus=[], threads=None, methods=None)
+        trials=None, time_limit=None, set=[], jobs=2, gpus=[], threads=None, methods=None, workers_per_study=1)
     smoke = grid.load_profile("smoke")
     assert tune._parallel(args, [(smoke, "lora"), (smoke, "doran")]) == 0
     assert len(seen) == 2 and all(cmd[cmd.index("--threads") + 1] == "4" for cmd in seen)
@@ -674,7 +674,7 @@ def test_tune_runs_every_task_s_studies_in_one_pool_within_one_time_limit(monkey
     seen = _fake_popen(monkeypatch)
     args = argparse.Namespace(
         profile="suite", storage=None, results=str(tmp_path), tuned_dir=str(tmp_path), device="cpu",
-        trials=None, time_limit=100.0, set=[], jobs=8, gpus=["0"], threads=1, methods=None)
+        trials=None, time_limit=100.0, set=[], jobs=8, gpus=["0"], threads=1, methods=None, workers_per_study=1)
     profiles = grid.profiles_for(grid.load_profile("suite"), ["trec6", "boolq"])
     studies = [(p, m) for p in profiles for m in tune._methods(args, p)]
     assert tune._parallel(args, studies) == 0
@@ -695,10 +695,13 @@ def test_tune_starts_no_study_once_the_time_limit_has_passed(monkeypatch, tmp_pa
     args = argparse.Namespace(
         profile="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}", results=str(tmp_path),
         tuned_dir=str(tmp_path), device="cpu", trials=None, time_limit=0.0, set=[], jobs=2, gpus=[], threads=None,
-        methods=None)
+        methods=None, workers_per_study=1)
     smoke = grid.load_profile("smoke")
     assert tune._parallel(args, [(smoke, "lora"), (smoke, "doran")]) == 1
     assert seen == [] and "not started: smoke:lora, smoke:doran" in capsys.readouterr().err
+    args.workers_per_study = 3  # each study named once, and no tuned file looked for in studies never created
+    assert tune._parallel(args, [(smoke, "lora"), (smoke, "doran")]) == 1
+    assert seen == [] and "not started: smoke:lora, smoke:doran\n" in capsys.readouterr().err
 
 
 def test_tune_with_no_time_left_starts_nothing_and_writes_nothing(tmp_path, capsys):
