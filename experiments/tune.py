@@ -316,30 +316,34 @@ def tune_method(
             )
     if workers > 1:
         return None
-    finished = _finished(study)
-    if finished < trials:  # the same budget for every method: no tuned file before it is spent
-        if verbose:
-            print(
-                f"[tune] {method}: {finished}/{trials} trials finished (time limit); run again to resume, "
-                "the tuned file is written once the budget is spent",
-                flush=True,
-            )
-        return None
-    return write_tuned(study, profile, method, url, space, tuned_dir, verbose, budget=trials)
+    return write_if_spent(study, profile, method, trials, url, tuned_dir, verbose)
 
 
-def within_budget(study, trials: int) -> list:
-    """The first ``trials`` finished (complete or pruned) trials of ``study`` by trial number: the budget every
-    method gets. Concurrent workers can finish more; those are not chosen from."""
+def within_budget(study, trials: int | None) -> list:
+    """The first ``trials`` finished (complete or pruned) trials of ``study`` by trial number (all of them if
+    None): the budget every method gets. Concurrent workers can finish more; those are not chosen from."""
     import optuna
 
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return sorted(study.get_trials(deepcopy=False, states=states), key=lambda t: t.number)[:trials]
 
 
+def write_if_spent(study, profile: Profile, method: str, trials: int, storage: str, tuned_dir: Path,
+                   verbose: bool = True) -> Path | None:
+    """The tuned file of ``study`` once its budget of ``trials`` is spent; before that, None (and say so)."""
+    finished = _finished(study)
+    if finished < trials:  # the same budget for every method: no tuned file before it is spent
+        if verbose:
+            print(f"[tune] {method}: {finished}/{trials} trials finished; run again to resume, the tuned file "
+                  "is written once the budget is spent", flush=True)
+        return None
+    space = load_space(profile.tune.get("space", "default"))
+    return write_tuned(study, profile, method, storage, space, tuned_dir, verbose, budget=trials)
+
+
 def write_tuned_when_done(profile: Profile, method: str, *, trials: int | None, storage: str,
                           tuned_dir: Path, verbose: bool = True) -> Path | None:
-    """After several workers on one study: write its tuned file if the budget is spent (else say so)."""
+    """After several workers on one study: its tuned file if the budget is spent (:func:`write_if_spent`)."""
     import optuna
 
     trials = int(trials if trials is not None else profile.tune.get("trials", 20))
@@ -347,13 +351,7 @@ def write_tuned_when_done(profile: Profile, method: str, *, trials: int | None, 
         study = optuna.load_study(study_name=f"{profile.name}-{method}", storage=storage)
     except KeyError:  # no worker got to start it (a time limit, or bad input)
         return None
-    if _finished(study) < trials:
-        if verbose:
-            print(f"[tune] {profile.name}:{method}: {_finished(study)}/{trials} trials finished; run again to "
-                  "resume, the tuned file is written once the budget is spent", flush=True)
-        return None
-    space = load_space(profile.tune.get("space", "default"))
-    return write_tuned(study, profile, method, storage, space, tuned_dir, verbose, budget=trials)
+    return write_if_spent(study, profile, method, trials, storage, tuned_dir, verbose)
 
 
 def write_tuned(
@@ -370,7 +368,7 @@ def write_tuned(
     None) to ``tuned/<profile>/<method>.yaml`` (atomically)."""
     import optuna
 
-    chosen = within_budget(study, budget) if budget is not None else study.get_trials(deepcopy=False)
+    chosen = within_budget(study, budget)
     complete = [t for t in chosen if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         if verbose:
@@ -380,19 +378,12 @@ def write_tuned(
     values = dict(best.params)
     if space["alpha_over_r"] and "adapter.r" in values:
         values["adapter.alpha"] = float(space["alpha_over_r"] * values["adapter.r"])
-    numbers = {t.number for t in chosen}
     counts = {
-        s.name.lower(): len([t for t in study.get_trials(deepcopy=False, states=(s,))
-                             if s == optuna.trial.TrialState.FAIL or t.number in numbers])
-        for s in (
-            optuna.trial.TrialState.COMPLETE,
-            optuna.trial.TrialState.PRUNED,
-            optuna.trial.TrialState.FAIL,
-        )
+        "complete": len(complete),
+        "pruned": len(chosen) - len(complete),
+        "fail": len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))),
     }
-    beyond = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                         optuna.trial.TrialState.PRUNED))) - len(chosen)
-    if beyond > 0:
+    if (beyond := _finished(study) - len(chosen)) > 0:
         counts["beyond_budget"] = beyond  # finished by concurrent workers after the budget; not chosen from
     tune = profile.tune
     doc = {
