@@ -325,6 +325,11 @@ def run_points(points: Sequence[Point], **options) -> Outcome:
     return run_groups([points], **options)[0]
 
 
+def run_key(point: Point) -> tuple[str, str]:
+    """What makes two grids' points one run: the same run_id in the same profile (and task) folder."""
+    return str(Path(point.out).parent), point.run_id
+
+
 def run_groups(
     groups: Sequence[Sequence[Point]],
     *,
@@ -363,7 +368,7 @@ def run_groups(
     seen: set[tuple[str, str]] = set()
     for g, points in enumerate(groups):
         for p in unfinished(points, results_dir, retry_failed, reuse, outs[g]):
-            key = (str(Path(p.out).parent), p.run_id)
+            key = run_key(p)
             if reuse and key in seen:
                 waiting.append((g, p))
                 continue

@@ -31,7 +31,7 @@ from experiments.cluster import add_cluster_arguments, cluster_options, run_on_c
 from experiments.constants import REPO, RESULTS_DIR, SWEEPS, TUNED_DIR
 from experiments.grid import SweepError, build_grid, load_profile, load_sweep, profiles_for
 from experiments.progress import estimate
-from experiments.runner import find_finished, run_groups, state, write_manifest
+from experiments.runner import find_finished, run_groups, run_key, state, write_manifest
 
 __all__ = ["SweepError", "build_parser", "main", "sweep_main"]
 
@@ -135,9 +135,8 @@ def sweep_main(args: argparse.Namespace) -> int:
     if not groups:
         return status
     todo = [p for _, _, points in groups for p in points if state(p) in ("todo", "error")]
-    if not args.no_reuse:  # runs another sweep finished are copied, not run
-        todo = [p for p in todo if find_finished(p, results_dir) is None]
-    todo = list({(p.out.parent, p.run_id): p for p in todo}.values())  # a run two sweeps share runs once
+    if not args.no_reuse:  # runs another sweep finished are copied, not run; one two sweeps share runs once
+        todo = list({run_key(p): p for p in todo if find_finished(p, results_dir) is None}.values())
     if todo and not args.no_estimate:
         line = estimate(todo, args.jobs, args.threads)
         if line:
