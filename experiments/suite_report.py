@@ -258,6 +258,24 @@ def keep_other_baselines(path: Path, table: pd.DataFrame, baselines: Sequence[st
     return pd.concat([kept, table], ignore_index=True)
 
 
+def axis_range(means: Sequence[float], lows: Sequence[float], highs: Sequence[float], wide: float = 4.0) -> tuple[float, float]:
+    """The x-range of one forest panel: every point estimate, and every interval no wider than ``wide`` times
+    the median width of the panel's intervals. One seed that failed makes a task's t-interval tens of points
+    wide; drawn whole, it would squeeze every other interval of the panel to a dot. Wider intervals are cut
+    at the edge, and :func:`forest` writes their ends beside them."""
+    means, lows, highs = (np.asarray(v, dtype=float) for v in (means, lows, highs))
+    ok = np.isfinite(lows) & np.isfinite(highs)
+    widths = highs[ok] - lows[ok]
+    if widths.size:
+        narrow = widths <= wide * max(float(np.median(widths)), 1e-9)
+        points = np.concatenate([means[np.isfinite(means)], lows[ok][narrow], highs[ok][narrow], [0.0]])
+    else:
+        points = np.concatenate([means[np.isfinite(means)], [0.0]])
+    lo, hi = float(points.min()), float(points.max())
+    pad = 0.08 * (hi - lo) if hi > lo else 1.0
+    return lo - pad, hi + pad
+
+
 def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir: Path | None = None,
            suffix: str | None = None) -> list[Path]:
     """A forest plot per fraction: each task's paired difference with its interval, and the pooled one
@@ -281,6 +299,7 @@ def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir
                              sharey=True, squeeze=False)
     for ax, fraction in zip(axes[0], fractions):
         sub = table[table["fraction"] == fraction]
+        xmin, xmax = axis_range(sub["diff_mean"], sub["ci_low"], sub["ci_high"])
         y, labels = 0, []
         for task in tasks:
             for i, variant in enumerate(variants):
@@ -288,7 +307,17 @@ def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir
                 if row.empty:
                     continue
                 r = row.iloc[0]
-                err = [[r["diff_mean"] - r["ci_low"]], [r["ci_high"] - r["diff_mean"]]] if not math.isnan(r["ci_low"]) else None
+                err = None
+                if not math.isnan(r["ci_low"]):
+                    low, high = max(r["ci_low"], xmin), min(r["ci_high"], xmax)
+                    err = [[max(r["diff_mean"] - low, 0.0)], [max(high - r["diff_mean"], 0.0)]]
+                    if low > r["ci_low"] or high < r["ci_high"]:  # cut at the edge: say where it ends
+                        for end, edge in ((r["ci_low"], low), (r["ci_high"], high)):
+                            if end != edge:
+                                ax.plot(edge, -y, marker="<" if end < edge else ">", color=f"C{i}", ms=6, zorder=3)
+                        ax.annotate(f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]", (r["diff_mean"], -y),
+                                    xytext=(4, 4), textcoords="offset points", fontsize=7, color=f"C{i}",
+                                    ha="left" if r["diff_mean"] < (xmin + xmax) / 2 else "right")
                 ax.errorbar(r["diff_mean"], -y, xerr=err, fmt="D" if task == POOLED else "o", color=f"C{i}",
                             capsize=3, ms=6 if task == POOLED else 4, zorder=3)
                 if task == POOLED and np.isfinite(r.get("ci_low_seeds", math.nan)):  # seed noise only: a band
@@ -298,10 +327,12 @@ def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir
                 y += 1
             y += 0.5
         ax.axvline(0, color="0.3", lw=1)
+        ax.set_xlim(xmin, xmax)
         ax.set(title=f"{fraction:.0%} of the training data", xlabel=f"accuracy - {baseline} (points, 95% CI)")
         ax.set_yticks([-p for p, _ in labels], [name for _, name in labels])
-    fig.suptitle(f"{profile}, {sweep}: paired differences per task and pooled\n(pooled = mean over tasks; "
-                 f"whiskers: 95% interval over tasks; band: seed noise only)")
+    fig.suptitle(f"{profile}, {sweep}: paired differences per task and pooled\n(a task: 95% interval over its "
+                 f"seeds; pooled = mean over tasks, whiskers: 95% interval over tasks, band: seed noise only;\n"
+                 f"an interval cut at the panel's edge has its ends written above it)")
     fig.tight_layout()
     stem = f"{sweep}_forest" if suffix is None else f"{sweep}_forest_vs_{suffix}"
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]

@@ -130,3 +130,19 @@ def test_seeds_half_width_edge_cases():
     assert math.isnan(sr.seeds_half_width([1.0, 1.0], [5, 1]))  # a task with one seed has no spread
     assert sr.seeds_half_width([0.0, 0.0], [3, 3]) == 0.0
     assert math.isnan(sr.seeds_for_half_width([100.0], 0.01, most=50))
+
+
+def test_a_forest_panel_cuts_an_interval_that_one_failed_seed_made_tens_of_points_wide():
+    # six tasks with intervals about 2 points wide, one (a seed at chance) 80 points wide
+    means = [0.5, -0.3, 1.0, -1.0, 0.2, -13.4]
+    lows = [-0.5, -1.2, 0.1, -2.0, -0.8, -53.8]
+    highs = [1.5, 0.6, 2.0, 0.0, 1.2, 27.0]
+    lo, hi = sr.axis_range(means, lows, highs)
+    assert -53.8 < lo < -13.4 and 2.0 < hi < 27.0  # every point estimate inside, the wide whisker cut
+    assert lo == pytest.approx(-13.4 - 0.08 * 15.4) and hi == pytest.approx(2.0 + 0.08 * 15.4)
+    # without the outlier nothing is cut: the range is the intervals' own, padded
+    lo, hi = sr.axis_range(means[:5], lows[:5], highs[:5])
+    assert lo == pytest.approx(-2.0 - 0.08 * 4.0) and hi == pytest.approx(2.0 + 0.08 * 4.0)
+    # zero is always on the axis, and missing intervals are ignored
+    lo, hi = sr.axis_range([1.0, 2.0], [0.5, math.nan], [1.5, math.nan])
+    assert lo < 0.0 < hi
