@@ -146,3 +146,23 @@ def test_a_forest_panel_cuts_an_interval_that_one_failed_seed_made_tens_of_point
     # zero is always on the axis, and missing intervals are ignored
     lo, hi = sr.axis_range([1.0, 2.0], [0.5, math.nan], [1.5, math.nan])
     assert lo < 0.0 < hi
+
+
+@pytest.mark.parametrize("sweep", ["sample_efficiency", "params_matched"])
+def test_the_committed_verdict_across_tasks_is_what_the_committed_results_give(tmp_path, sweep):
+    """Every number of the text suite's verdict (docs/text-suite.md quotes these tables) regenerates from the
+    committed result files: the report run on a copy of them writes the committed markdown, byte for byte."""
+    import shutil
+
+    from experiments.constants import RESULTS_DIR
+    from experiments.figures import ACROSS_TASKS
+
+    committed = RESULTS_DIR / "suite" / f"{sweep}_across_tasks.md"
+    if not committed.is_file():
+        pytest.skip("no committed suite results")
+    shutil.copytree(RESULTS_DIR / "suite", tmp_path / "results" / "suite")
+    (tmp_path / "results" / "suite" / committed.name).unlink()
+    args = ["--profile", "suite", "--results", str(tmp_path / "results"), "--sweep", sweep,
+            "--figures", str(tmp_path / "figures"), "--baseline", *ACROSS_TASKS[sweep]]
+    assert sr.main(args) == 0
+    assert (tmp_path / "results" / "suite" / committed.name).read_text() == committed.read_text()
