@@ -19,7 +19,8 @@ sampler has its own seed, so the random start-up trials differ): a study of 8 tr
 times with W = 4 instead of 8. Concurrent workers may finish a trial or more beyond the budget; the tuned file
 takes the best of the first ``trials`` finished trials (by trial number), so every method is still chosen from
 the same budget. With W = 1 (the default) the trial sequence is reproducible from the seed; with W > 1 which
-trials TPE proposes depends on the order in which the others finish.
+trials TPE proposes depends on the order in which the others finish, and a trial started before ``startup_trials``
+trials have finished is random, so W > 1 spends more of the budget on random trials.
 
 The search space is ``experiments/configs/sweeps/tune.yaml`` (learning rate, weight decay, rank with
 alpha = 2r, tau_init for methods with tau, generator width for methods with generated factors). The best
