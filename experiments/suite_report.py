@@ -311,10 +311,11 @@ def forest(table: pd.DataFrame, profile: str, sweep: str, baseline: str, out_dir
                 if not math.isnan(r["ci_low"]):
                     low, high = max(r["ci_low"], xmin), min(r["ci_high"], xmax)
                     err = [[max(r["diff_mean"] - low, 0.0)], [max(high - r["diff_mean"], 0.0)]]
-                    if low > r["ci_low"] or high < r["ci_high"]:  # cut at the edge: say where it ends
-                        for end, edge in ((r["ci_low"], low), (r["ci_high"], high)):
-                            if end != edge:
-                                ax.plot(edge, -y, marker="<" if end < edge else ">", color=f"C{i}", ms=6, zorder=3)
+                    cut = [(edge, "<" if end < edge else ">")  # an end beyond the panel: an arrow at the edge
+                           for end, edge in ((r["ci_low"], low), (r["ci_high"], high)) if end != edge]
+                    for edge, marker in cut:
+                        ax.plot(edge, -y, marker=marker, color=f"C{i}", ms=6, zorder=3)
+                    if cut:  # and the interval's ends written above it
                         ax.annotate(f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]", (r["diff_mean"], -y),
                                     xytext=(4, 4), textcoords="offset points", fontsize=7, color=f"C{i}",
                                     ha="left" if r["diff_mean"] < (xmin + xmax) / 2 else "right")
